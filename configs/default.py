@@ -1,0 +1,47 @@
+"""The seed recipe: small CNN on Fashion-MNIST, SGD lr 0.01 momentum 0.99, data-parallel.
+
+Run (on a fresh machine `make train` does the set-up, then this):
+  python train.py --config=configs/default.py --workdir=/tmp/fmnist
+
+Expected (measured, 2-core CPU machine, 2 simulated devices, float32): see README "Results";
+test accuracy >= 91.5% after 10 epochs (4,680 steps).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Data (input_pipeline/sources.py).
+  c.dataset = 'fashion_mnist'     # built-in: fashion_mnist, mnist, cifar10; any TFDS name with data_source=tfds
+  c.data_source = 'auto'          # auto | idx | tfds
+  c.data_dir = ''                 # IDX directory or TFDS data_dir; '' = the dataset's default
+  c.download = False              # let TFDS download when the data is not prepared
+  # Model (models/).
+  c.model = 'cnn'                 # cnn | mlp
+  c.dtype = 'float32'             # compute dtype: float32 | bfloat16 (params and optimizer stay float32)
+  # Optimisation.
+  c.batch_size = 128              # global, over all devices and processes
+  c.eval_batch_size = 1000        # global; the last test batch is padded and masked
+  c.num_epochs = 10
+  c.num_train_steps = -1          # -1: num_epochs * steps_per_epoch
+  c.optimizer = 'sgd'             # sgd | adam | adamw
+  c.learning_rate = 0.01
+  c.momentum = 0.99
+  c.nesterov = False
+  c.weight_decay = 0.0            # adamw only
+  c.lr_schedule = 'cosine'        # constant | cosine | warmup_cosine
+  c.warmup_steps = 0
+  c.seed = 0
+  # Parallelism (parallel/).
+  c.parallel_backend = 'shard_map'  # shard_map | pmap
+  c.bn_mode = 'global'            # global: BN statistics over the global batch | local: per device + sync
+  c.max_steps_in_flight = 2       # steps dispatched ahead of the host; bounds CPU collective queues
+  c.prefetch_batches = 2          # batches placed on the devices ahead of the step
+  # Reporting and checkpoints (trainer/).
+  c.log_every_steps = 100
+  c.eval_every_steps = -1         # -1: every epoch
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.plot = True                   # learning-curves PNG at the end
+  return c

@@ -1,0 +1,107 @@
+"""Topology from flags: platform, simulated CPU devices, multi-process runtime, collective timeouts.
+
+`configure_backend` must run before anything starts JAX's backend (simulated devices and XLA flags are
+read once, at start). Multi-process jobs use JAX's own runtime (`jax.distributed.initialize`): an explicit
+coordinator, or JAX's auto-detection on TPU pods and under Slurm.
+"""
+
+import os
+import socket
+from typing import Optional
+
+from absl import logging
+
+from errors import UserError
+
+PLATFORMS = ('auto', 'cpu', 'gpu', 'tpu')
+
+
+def configure_backend(platform: str = 'auto', num_cpu_devices: int = 0, collective_timeout_s: int = 60) -> None:
+  """Applies platform, simulated device count and XLA collective timeouts; call before JAX starts."""
+  import jax  # Importing is fine; the backend starts on first use.
+  if platform not in PLATFORMS:
+    raise UserError(f'unknown --platform={platform}: use one of {", ".join(PLATFORMS)}')
+  if num_cpu_devices < 0:
+    raise UserError(f'--num_cpu_devices={num_cpu_devices} is negative: use 0 (the default) or a positive count')
+  if num_cpu_devices and platform in ('gpu', 'tpu'):
+    raise UserError(f'--num_cpu_devices simulates CPU devices and cannot be combined with --platform={platform}: '
+                    'drop --num_cpu_devices (real accelerators are used as they are)')
+  if platform != 'auto':
+    jax.config.update('jax_platforms', platform)
+  if num_cpu_devices:
+    if platform == 'auto':
+      jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', num_cpu_devices)
+  # A stuck CPU collective (a dead peer, starved rendezvous) must fail within about a minute, not hang.
+  t = int(collective_timeout_s)
+  flags = [f'--xla_cpu_collective_timeout_seconds={t}',
+           f'--xla_cpu_collective_call_terminate_timeout_seconds={t}',
+           f'--xla_cpu_collective_call_warn_stuck_timeout_seconds={max(t // 3, 1)}']
+  existing = os.environ.get('XLA_FLAGS', '')
+  os.environ['XLA_FLAGS'] = ' '.join([existing] + [f for f in flags if f.split('=')[0] not in existing]).strip()
+
+
+def _cluster_detected() -> bool:
+  """True on a multi-host TPU slice or a multi-task Slurm job, where JAX finds its peers by itself."""
+  if int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1 and 'SLURM_JOB_ID' in os.environ:
+    return True
+  return ',' in os.environ.get('TPU_WORKER_HOSTNAMES', '')
+
+
+def _check_address(address: str) -> None:
+  host, _, port = address.rpartition(':')
+  if not host or not port.isdigit():
+    raise UserError(f'--coordinator_address={address!r} is not HOST:PORT (e.g. 10.0.0.1:1234)')
+
+
+def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
+                           process_id: Optional[int], timeout_s: int = 120) -> None:
+  """Joins the multi-process job, or does nothing for a single-process run."""
+  import jax
+  if coordinator_address:
+    _check_address(coordinator_address)
+    if not num_processes or num_processes < 1:
+      raise UserError('--coordinator_address needs --num_processes=N (N >= 1) and --process_id=I')
+    if process_id is None or not 0 <= process_id < num_processes:
+      raise UserError(f'--process_id={process_id} is out of range for --num_processes={num_processes}: '
+                      f'use 0..{num_processes - 1}, a different one on each process')
+    if num_processes == 1:
+      return
+    try:
+      jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                 process_id=process_id, initialization_timeout=timeout_s)
+    except Exception as e:  # XlaRuntimeError / DEADLINE_EXCEEDED: the peers never showed up.
+      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
+      raise UserError(f'could not join the {num_processes}-process job at {coordinator_address} within '
+                      f'{timeout_s}s ({first}): start every process with the same --coordinator_address '
+                      f'(reachable from all hosts, process 0 listens there) and check the firewall') from None
+  elif num_processes not in (None, 1) or process_id not in (None, 0):
+    raise UserError('--num_processes/--process_id need --coordinator_address=HOST:PORT (process 0 listens there)')
+  elif _cluster_detected():
+    logging.info('Cluster environment detected (Slurm / TPU pod): JAX auto-detects the peers.')
+    jax.distributed.initialize(initialization_timeout=timeout_s)
+
+
+def check_devices(platform: str, num_cpu_devices: int) -> None:
+  """Fails fast when the backend did not give what the flags asked for."""
+  import jax
+  try:
+    devices = jax.local_devices()
+  except RuntimeError as e:
+    raise UserError(f'--platform={platform} is not available on this machine ({str(e).splitlines()[0][:160]}): '
+                    'use --platform=auto or install the matching jax plugin') from None
+  if num_cpu_devices and len(devices) != num_cpu_devices:
+    raise UserError(f'--num_cpu_devices={num_cpu_devices} asked for {num_cpu_devices} simulated devices but JAX '
+                    f'has {len(devices)}: the backend was started before the flag took effect')
+
+
+def summary(global_batch: int, backend: str) -> str:
+  """One compact table of the topology, for process 0's log."""
+  import jax
+  n_dev, n_proc = jax.device_count(), jax.process_count()
+  rows = [('platform', jax.default_backend()), ('device kind', jax.devices()[0].device_kind),
+          ('processes', n_proc), ('devices per process', jax.local_device_count()), ('devices total', n_dev),
+          ('global batch', global_batch), ('per-device batch', global_batch // max(n_dev, 1)),
+          ('parallel backend', backend), ('host', socket.gethostname())]
+  width = max(len(k) for k, _ in rows)
+  return '\n'.join(f'  {k:<{width}}  {v}' for k, v in rows)

@@ -1,0 +1,44 @@
+"""Validates a config before any work starts: every bad value is one `UserError` that names the fix."""
+
+import math
+
+from errors import UserError
+from input_pipeline.sources import SOURCES
+from models import MODELS
+from parallel.steps import BACKENDS, BN_MODES
+from trainer.state import DTYPES, OPTIMIZERS, SCHEDULES
+
+_CHOICES = {
+    'data_source': SOURCES, 'model': tuple(MODELS), 'optimizer': OPTIMIZERS, 'lr_schedule': SCHEDULES,
+    'parallel_backend': BACKENDS, 'bn_mode': BN_MODES, 'dtype': tuple(DTYPES),
+}
+_POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'checkpoint_every_steps',
+                  'keep_checkpoints', 'max_steps_in_flight', 'prefetch_batches')
+
+
+def _fail(key, value, rule):
+  raise UserError(f'--config.{key}={value!r} is invalid: {rule}')
+
+
+def validate(config) -> None:
+  for key, choices in _CHOICES.items():
+    if config[key] not in choices:
+      _fail(key, config[key], f'use one of {", ".join(choices)}')
+  for key in _POSITIVE_INTS:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      _fail(key, value, 'must be a whole number >= 1')
+  for key in ('num_train_steps', 'eval_every_steps'):
+    if not isinstance(config[key], int) or (config[key] < 1 and config[key] != -1):
+      _fail(key, config[key], 'must be >= 1, or -1 for the default')
+  lr = config.learning_rate
+  if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+    _fail('learning_rate', lr, 'must be a finite number > 0')
+  if not 0 <= config.momentum < 1:
+    _fail('momentum', config.momentum, 'must be in [0, 1)')
+  if config.weight_decay < 0:
+    _fail('weight_decay', config.weight_decay, 'must be >= 0')
+  if config.warmup_steps < 0:
+    _fail('warmup_steps', config.warmup_steps, 'must be >= 0')
+  if not config.dataset or not isinstance(config.dataset, str):
+    _fail('dataset', config.dataset, 'name a dataset, e.g. fashion_mnist')

@@ -1,0 +1,97 @@
+"""What a run tells the user: log lines, `metrics.jsonl`, TensorBoard events, `config.json`.
+
+Only process 0 writes. On resume, `metrics.jsonl` drops the lines past the restored step (they describe
+steps that are being redone), so the file always reads as one consistent run.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+
+
+def _fmt_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}'
+
+
+class Reporter:
+  """Writes metrics events; every method is a no-op off process 0 (except for returning text)."""
+
+  def __init__(self, workdir: str, config, is_main: bool, start_step: int):
+    self.is_main = is_main
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._writer = None
+    if not is_main:
+      return
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+    self._truncate_after(start_step)
+    from clu import metric_writers  # TensorBoard event files.
+    self._writer = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def _truncate_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(lines)
+    os.replace(tmp, self.path)
+
+  def write(self, event: dict) -> None:
+    """Appends one event to metrics.jsonl and its numbers to TensorBoard."""
+    if not self.is_main:
+      return
+    event = dict(event, time=round(time.time(), 3))
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(event) + '\n')
+    scalars = {k: v for k, v in event.items() if k not in ('step', 'time', 'kind') and isinstance(v, (int, float))}
+    self._writer.write_scalars(event['step'], scalars)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+class Throughput:
+  """Images/sec, share of time waiting for input, and ETA over the window since the last report."""
+
+  def __init__(self, start_step: int, total_steps: int, global_batch: int):
+    self.total_steps, self.global_batch = total_steps, global_batch
+    self._t, self._step, self._wait = time.perf_counter(), start_step, 0.0
+
+  def window(self, step: int, wait_s_total: float) -> dict:
+    now = time.perf_counter()
+    dt, steps = max(now - self._t, 1e-9), step - self._step
+    out = {'images_per_sec': round(steps * self.global_batch / dt, 1),
+           'input_wait_share': round(min((wait_s_total - self._wait) / dt, 1.0), 4),
+           'eta_s': round((self.total_steps - step) * dt / max(steps, 1), 1)}
+    self._t, self._step, self._wait = now, step, wait_s_total
+    return out
+
+  def pause(self) -> None:
+    """Excludes the time since the last call (eval, checkpoint) from the next window."""
+    self._t = time.perf_counter()
+
+
+def train_line(event: dict, total_steps: int) -> str:
+  return (f'step {event["step"]}/{total_steps}  epoch {event["epoch"]:.2f}  loss {event["train_loss"]:.4f}  '
+          f'acc {event["train_accuracy"]:.4f}  {event["images_per_sec"]:.0f} img/s  '
+          f'input wait {100 * event["input_wait_share"]:.1f}%  ETA {_fmt_duration(event["eta_s"])}')
+
+
+def eval_line(event: dict) -> str:
+  return (f'eval  step {event["step"]}  epoch {event["epoch"]:.2f}  test loss {event["test_loss"]:.4f}  '
+          f'test acc {event["test_accuracy"]:.4f}  ({event["test_examples"]} examples)')
+
+
+def log(line: str, is_main: bool) -> None:
+  if is_main:
+    logging.info('%s', line)
