@@ -1,0 +1,99 @@
+"""Input-pipeline throughput alone (no model): can it feed the train step?
+
+  python -m benchmarks.input_pipeline [--quick] [--train_images_per_sec=3700] [--seconds=5]
+
+Loads the default config's dataset (Fashion-MNIST IDX files, `configs/default.py`), then times the train
+stream of global batches (default 128) two ways:
+  - host only:  tf.data -> numpy batches (gather + scale to float32 on host threads);
+  - to device:  the same, placed on the simulated CPU devices as one global sharded jax.Array per leaf by
+                `device_feed.Prefetcher` + `mesh.to_global`, with `block_until_ready` on every batch.
+The last column divides the pipeline's images/s by the train step's consumption rate: above 1 the step,
+not the input, limits training.
+"""
+
+import os
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app, flags
+
+from parallel import topology
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool('quick', False, 'About 2 s of measurement in all (a smoke check).')
+flags.DEFINE_float('seconds', 5.0, 'Seconds measured per mode (ignored with --quick).')
+flags.DEFINE_float('train_images_per_sec', 3700.0, 'Images/s the train step consumes, for the ratio column.')
+flags.DEFINE_integer('num_devices', 2, 'Simulated CPU devices the batches are placed on.')
+flags.DEFINE_integer('batch_size', 0, 'Global batch; 0: the default config\'s.')
+flags.DEFINE_integer('warmup_batches', 5, 'Batches pulled before timing starts (tf.data start-up, first copy).')
+
+
+def _timed(batches, seconds: float, warmup: int, finish=lambda b: b):
+  """(batches, elapsed seconds) consumed from `batches` in about `seconds`, after `warmup` untimed ones."""
+  it = iter(batches)
+  for _ in range(warmup):
+    finish(next(it))
+  count, start = 0, time.perf_counter()
+  while True:
+    finish(next(it))
+    count += 1
+    elapsed = time.perf_counter() - start
+    if elapsed >= seconds:
+      return count, elapsed
+
+
+def main(argv):
+  del argv
+  topology.configure_backend('cpu', FLAGS.num_devices)
+  # Only now the modules that use JAX: the simulated devices are fixed when its backend starts.
+  import jax
+
+  from configs import default
+  from input_pipeline import device_feed, order, pipeline, sources
+  from parallel import mesh as mesh_lib
+
+  config = default.get_config()
+  batch = FLAGS.batch_size or config.batch_size
+  seconds = 1.0 if FLAGS.quick else FLAGS.seconds
+  warmup = 2 if FLAGS.quick else FLAGS.warmup_batches
+
+  t = time.perf_counter()
+  data = sources.load(config)
+  load_s = time.perf_counter() - t
+  mesh = mesh_lib.make_mesh(num_devices=FLAGS.num_devices)
+  mesh_lib.check_batch(batch, mesh.devices.size)
+  rows = mesh_lib.process_rows(mesh, batch)
+  spe = order.steps_per_epoch(len(data.train_images), batch)
+
+  def stream():
+    # Far more steps than the timing can use: it never runs dry (epochs roll over as in training).
+    ds = pipeline.train_dataset(data.train_images, data.train_labels, seed=config.seed, global_batch=batch,
+                                rows=rows, start_step=0, num_steps=1000 * spe)
+    return pipeline.as_numpy(ds)
+
+  results = []
+  n, s = _timed(stream(), seconds, warmup)
+  results.append(('host only (tf.data -> numpy)', n, s))
+  feed = device_feed.Prefetcher(stream(), lambda b: mesh_lib.to_global(mesh, b, batch), config.prefetch_batches)
+  n, s = _timed(feed, seconds, warmup, finish=jax.block_until_ready)
+  results.append((f'to device ({mesh.devices.size} x {jax.devices()[0].platform}, prefetch '
+                  f'{config.prefetch_batches})', n, s))
+
+  print(f'Input pipeline alone: {config.dataset} from {data.source} ({len(data.train_images)} train images, '
+        f'loaded in {load_s:.1f}s), global batch {batch}, {os.cpu_count()} CPU cores')
+  width = max(len(r[0]) for r in results)
+  header = f'  {"mode":<{width}}  {"batches/s":>10}  {"images/s":>10}  {"x train step":>12}'
+  print(header)
+  print('  ' + '-' * (len(header) - 2))
+  for name, n, s in results:
+    ips = n * batch / s
+    print(f'  {name:<{width}}  {n / s:>10.1f}  {ips:>10.0f}  {ips / FLAGS.train_images_per_sec:>12.2f}')
+  print(f'  (x train step: images/s over the {FLAGS.train_images_per_sec:.0f} img/s the train step consumes; '
+        f'> 1: the input keeps up; {seconds:.0f}s timed per mode after {warmup} warm-up batches)')
+  sys.stdout.flush()
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,83 @@
+"""Runs train.py as a real subprocess (the user's entry point) and reads what it leaves behind."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, 'configs', 'tiny.py')
+
+
+def _env():
+  env = dict(os.environ, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
+  env.pop('XLA_FLAGS', None)  # The parent's 8-device flags must not leak into the child.
+  return env
+
+
+def train_cmd(workdir, *args, config=TINY):
+  return [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={config}', f'--workdir={workdir}', *args]
+
+
+def run_train(workdir, *args, config=TINY, timeout=240) -> subprocess.CompletedProcess:
+  return subprocess.run(train_cmd(workdir, *args, config=config), cwd=ROOT, env=_env(), capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def start_train(workdir, *args, config=TINY, log_path=None) -> subprocess.Popen:
+  out = open(log_path, 'w') if log_path else subprocess.DEVNULL
+  return subprocess.Popen(train_cmd(workdir, *args, config=config), cwd=ROOT, env=_env(), stdout=out,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def metrics(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip()]
+
+
+def wait_for(predicate, timeout=120, interval=0.01):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return True
+    time.sleep(interval)
+  return False
+
+
+def checkpoint_steps(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def load_checkpoint(workdir, step=None) -> dict:
+  """Flat {path: numpy array} of a saved train state (read on the host, no devices needed)."""
+  import orbax.checkpoint as ocp
+  step = step if step is not None else checkpoint_steps(workdir)[-1]
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(path)
+    tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta.tree
+    import jax
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    state = ckptr.restore(path, restore_args=restore_args)
+  import jax
+  return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def assert_states_close(a: dict, b: dict, atol=1e-6):
+  assert a.keys() == b.keys(), (sorted(a), sorted(b))
+  worst = max((float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))), k) for k in a)
+  assert worst[0] <= atol, f'largest difference {worst[0]:.3g} at {worst[1]}'
