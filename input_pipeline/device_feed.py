@@ -1,38 +1,73 @@
-"""Host batches -> device arrays in the step's layout, placed ahead of time.
+"""Host batches -> device arrays in the step's layout, placed ahead of time on a background thread.
 
-`prefetch` keeps `depth` batches already transferred, so the step never waits on a host-to-device copy
-(works for both layouts, unlike a pmap-only prefetch).
+`Prefetcher` keeps up to `depth` batches already transferred, so the train step never waits on tf.data or
+on a host-to-device copy; it works for both layouts (the Flax prefetch helper only fits pmap's).
 """
 
-import collections
+import queue
+import threading
 import time
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
+
+_END = object()
+
+
+class _Failure:
+  def __init__(self, error: BaseException):
+    self.error = error
 
 
 class Prefetcher:
-  """Iterates `put(batch)` for each host batch, `depth` ahead; `wait_s` totals the time spent blocked."""
+  """Iterates `put(batch)` for each host batch, up to `depth` ahead; `wait_s` totals the time blocked."""
 
   def __init__(self, batches: Iterable, put: Callable, depth: int = 2):
-    self._it, self._put, self._depth = iter(batches), put, max(depth, 1)
-    self._queue = collections.deque()
+    self._queue = queue.Queue(maxsize=max(depth, 1))
+    self._stop = threading.Event()
     self.wait_s = 0.0
+    self._done = False
+    self._thread = threading.Thread(target=self._produce, args=(iter(batches), put), daemon=True,
+                                    name='device_prefetch')
+    self._thread.start()
 
-  def _fill(self):
-    while len(self._queue) < self._depth:
+  def _produce(self, it, put):
+    try:
+      for batch in it:
+        if not self._offer(put(batch)):
+          return
+      self._offer(_END)
+    except BaseException as e:  # Re-raised in the consumer's thread, where it can be reported.
+      self._offer(_Failure(e))
+
+  def _offer(self, item) -> bool:
+    while not self._stop.is_set():
       try:
-        self._queue.append(self._put(next(self._it)))
-      except StopIteration:
-        return
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
-  def __iter__(self) -> Iterator:
+  def __iter__(self):
     return self
 
   def __next__(self):
-    t = time.perf_counter()
-    self._fill()
-    if not self._queue:
+    if self._done:
       raise StopIteration
-    batch = self._queue.popleft()
-    self._fill()
+    t = time.perf_counter()
+    item = self._queue.get()
     self.wait_s += time.perf_counter() - t
-    return batch
+    if item is _END:
+      self._done = True
+      raise StopIteration
+    if isinstance(item, _Failure):
+      self._done = True
+      raise item.error
+    return item
+
+  def close(self) -> None:
+    """Stops the background thread (for an early exit: preemption, divergence)."""
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+  def __del__(self):
+    self._stop.set()

@@ -80,7 +80,7 @@ def load_split(directory: str, split: str, num_classes: int, image_shape=None):
                     'the files belong to different datasets or one is damaged')
   if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
     raise UserError(f'{label_path} has labels in [{labels.min()}, {labels.max()}], outside [0, {num_classes}): '
-                    'the file is corrupt or belongs to another dataset (set --config.num_classes?)')
+                    'the file is corrupt or belongs to another dataset: check --config.dataset and --config.data_dir')
   return np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int32)
 
 

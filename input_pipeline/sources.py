@@ -32,6 +32,7 @@ DATASETS = {
     'cifar10': DatasetSpec(10, (32, 32, 3)),
 }
 SOURCES = ('auto', 'idx', 'tfds')
+_TFDS_CHUNK = 8192  # examples per chunk when reading a TFDS split into memory
 
 
 @dataclasses.dataclass
@@ -88,8 +89,8 @@ def _tfds_builder(name: str, data_dir: str):
     return tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # TFDS raises several types for unknown names.
     if 'not found' in str(e).lower() or e.__class__.__name__ == 'DatasetNotFoundError':
-      raise UserError(f'unknown dataset {name!r}: TFDS has no such dataset, and the built-in ones are '
-                      f'{sorted(DATASETS)}') from None
+      raise UserError(f'unknown dataset {name!r}: TFDS has no such dataset; set --config.dataset to one of '
+                      f'{", ".join(sorted(DATASETS))} or a TFDS dataset name') from None
     raise
 
 
@@ -111,8 +112,13 @@ def load_tfds(name: str, data_dir: str, download: bool) -> InMemoryDataset:
                       f'check the network, or {_how_to_get(name)}') from None
   arrays = {}
   for split in ('train', 'test'):
-    data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, as_supervised=True))
-    images, labels = data
+    # Fixed-size chunks, not `batch_size=-1`: that batches by the recorded split size and aborts the whole
+    # process (std::length_error) when the builder records none (e.g. under `tfds.testing.mock_data`).
+    chunks = list(tfds.as_numpy(builder.as_dataset(split=split, batch_size=_TFDS_CHUNK, as_supervised=True)))
+    if not chunks:
+      raise UserError(f'TFDS dataset {name!r} has an empty {split!r} split in {builder.data_dir}: prepare it '
+                      f'again (`--config.download=True`) or {_how_to_get(name)}')
+    images, labels = (np.concatenate(parts) for parts in zip(*chunks))
     if images.ndim == 3:
       images = images[..., None]
     arrays[split] = (np.ascontiguousarray(images, np.uint8), np.asarray(labels, np.int32))
@@ -126,6 +132,9 @@ def load(config) -> InMemoryDataset:
   name, source, data_dir = config.dataset, config.data_source, config.data_dir
   if source not in SOURCES:
     raise UserError(f'unknown data_source {source!r}: set --config.data_source to one of {list(SOURCES)}')
+  if data_dir and '://' not in data_dir and not os.path.isdir(data_dir) and not (config.download and source != 'idx'):
+    raise UserError(f'--config.data_dir={data_dir} does not exist: point it at the directory of the IDX files '
+                    '(or the TFDS data_dir), or leave it empty for the default location')
   if source == 'idx' or (source == 'auto' and _has_idx_files(_idx_dir(name, data_dir))):
     if name not in DATASETS and not data_dir:
       raise UserError(f'unknown dataset {name!r}: built-in datasets are {sorted(DATASETS)}; any TFDS name '

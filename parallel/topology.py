@@ -7,6 +7,7 @@ coordinator, or JAX's auto-detection on TPU pods and under Slurm.
 
 import os
 import socket
+import time
 from typing import Optional
 
 from absl import logging
@@ -54,9 +55,35 @@ def _check_address(address: str) -> None:
     raise UserError(f'--coordinator_address={address!r} is not HOST:PORT (e.g. 10.0.0.1:1234)')
 
 
+def _wait_for_coordinator(address: str, timeout_s: int) -> int:
+  """Waits until process 0 listens at `address`; returns the seconds left of `timeout_s` (at least 10)."""
+  host, _, port = address.rpartition(':')
+  deadline = time.monotonic() + timeout_s
+  while True:
+    left = deadline - time.monotonic()
+    try:
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=max(min(left, 2), 0.1)):
+        return max(int(deadline - time.monotonic()), min(timeout_s, 10))
+    except socket.gaierror as e:
+      raise UserError(f'--coordinator_address={address}: cannot resolve host {host!r} ({e.strerror}): use the '
+                      'hostname or IP address of process 0') from None
+    except OSError as e:
+      if time.monotonic() + 0.5 >= deadline:
+        raise UserError(f'nobody listens at --coordinator_address={address} after {timeout_s}s ({e.strerror or e}): '
+                        'start process 0 with the same address (it listens there), check host, port and firewall, '
+                        'or raise --distributed_timeout') from None
+      time.sleep(0.5)
+
+
 def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
-                           process_id: Optional[int], timeout_s: int = 120) -> None:
-  """Joins the multi-process job, or does nothing for a single-process run."""
+                           process_id: Optional[int], timeout_s: int = 120, heartbeat_timeout_s: int = 30,
+                           bind_address: Optional[str] = None) -> None:
+  """Joins the multi-process job, or does nothing for a single-process run.
+
+  The coordinator (process 0) listens only on `bind_address`, by default the coordinator address itself:
+  JAX's coordination service has no authentication, so it must not listen on every interface by accident.
+  A peer silent for `heartbeat_timeout_s` makes every other process exit with an error (no hang).
+  """
   import jax
   if coordinator_address:
     _check_address(coordinator_address)
@@ -67,9 +94,13 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: Op
                       f'use 0..{num_processes - 1}, a different one on each process')
     if num_processes == 1:
       return
+    if process_id != 0:  # JAX aborts the process (no exception) when the coordinator never answers.
+      timeout_s = _wait_for_coordinator(coordinator_address, timeout_s)
     try:
       jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                 process_id=process_id, initialization_timeout=timeout_s)
+                                 process_id=process_id, initialization_timeout=timeout_s,
+                                 heartbeat_timeout_seconds=heartbeat_timeout_s,
+                                 coordinator_bind_address=bind_address or coordinator_address)
     except Exception as e:  # XlaRuntimeError / DEADLINE_EXCEEDED: the peers never showed up.
       first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
       raise UserError(f'could not join the {num_processes}-process job at {coordinator_address} within '
@@ -79,7 +110,7 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: Op
     raise UserError('--num_processes/--process_id need --coordinator_address=HOST:PORT (process 0 listens there)')
   elif _cluster_detected():
     logging.info('Cluster environment detected (Slurm / TPU pod): JAX auto-detects the peers.')
-    jax.distributed.initialize(initialization_timeout=timeout_s)
+    jax.distributed.initialize(initialization_timeout=timeout_s, heartbeat_timeout_seconds=heartbeat_timeout_s)
 
 
 def check_devices(platform: str, num_cpu_devices: int) -> None:
@@ -88,8 +119,11 @@ def check_devices(platform: str, num_cpu_devices: int) -> None:
   try:
     devices = jax.local_devices()
   except RuntimeError as e:
-    raise UserError(f'--platform={platform} is not available on this machine ({str(e).splitlines()[0][:160]}): '
-                    'use --platform=auto or install the matching jax plugin') from None
+    logging.debug('JAX backend error: %s', e)
+    package = {'gpu': 'jax[cuda12]', 'tpu': 'jax[tpu]'}.get(platform, 'jax')
+    raise UserError(f'--platform={platform} is not available on this machine (JAX finds no {platform} device or '
+                    f'no jax {platform} plugin is installed): use --platform=auto or --platform=cpu, or install the '
+                    f'matching plugin ({package})') from None
   if num_cpu_devices and len(devices) != num_cpu_devices:
     raise UserError(f'--num_cpu_devices={num_cpu_devices} asked for {num_cpu_devices} simulated devices but JAX '
                     f'has {len(devices)}: the backend was started before the flag took effect')

@@ -36,8 +36,8 @@ def validate(config) -> None:
     _fail('learning_rate', lr, 'must be a finite number > 0')
   if not 0 <= config.momentum < 1:
     _fail('momentum', config.momentum, 'must be in [0, 1)')
-  if config.weight_decay < 0:
-    _fail('weight_decay', config.weight_decay, 'must be >= 0')
+  if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+    _fail('weight_decay', config.weight_decay, 'must be a finite number >= 0')
   if config.warmup_steps < 0:
     _fail('warmup_steps', config.warmup_steps, 'must be >= 0')
   if not config.dataset or not isinstance(config.dataset, str):

@@ -91,13 +91,14 @@ def _placer(stepper: Stepper, mesh, global_batch: int):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns the final eval metrics."""
   config_check.validate(config)
+  reporting.quiet_library_logs()
   is_main = jax.process_index() == 0
   mesh = mesh_lib.make_mesh()
   n_dev = mesh.devices.size
   mesh_lib.check_batch(config.batch_size, n_dev, 'batch_size')
   mesh_lib.check_batch(config.eval_batch_size, n_dev, 'eval_batch_size')
-  _prepare_workdir(workdir)
   data = sources.load(config)
+  _prepare_workdir(workdir)  # After the data: a failed start leaves no empty workdir behind.
   steps_per_epoch = order.steps_per_epoch(len(data.train_images), config.batch_size)
   if steps_per_epoch == 0:
     raise UserError(f'--config.batch_size={config.batch_size} is larger than the {len(data.train_images)} '
@@ -175,6 +176,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
               flush=True)
         return {'preempted_at': step}
   finally:
+    feed.close()
     ckpts.close()
     reporter.close()
     preemption.close()

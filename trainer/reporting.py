@@ -5,6 +5,7 @@ steps that are being redone), so the file always reads as one consistent run.
 """
 
 import json
+import logging as logging_std
 import os
 import time
 
@@ -90,6 +91,20 @@ def train_line(event: dict, total_steps: int) -> str:
 def eval_line(event: dict) -> str:
   return (f'eval  step {event["step"]}  epoch {event["epoch"]:.2f}  test loss {event["test_loss"]:.4f}  '
           f'test acc {event["test_accuracy"]:.4f}  ({event["test_examples"]} examples)')
+
+
+class _LibraryInfoFilter(logging_std.Filter):
+  """Drops INFO chatter of Orbax and TensorFlow (dozens of lines per checkpoint); warnings pass."""
+
+  def filter(self, record):
+    noisy = any(f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'tensorflow', 'etils'))
+    return record.levelno >= logging_std.WARNING or not noisy
+
+
+def quiet_library_logs() -> None:
+  logging_std.getLogger().addFilter(_LibraryInfoFilter())
+  for handler in logging_std.getLogger().handlers:
+    handler.addFilter(_LibraryInfoFilter())
 
 
 def log(line: str, is_main: bool) -> None:

@@ -1,0 +1,346 @@
+"""Training throughput of the real step, pipeline and feed, per backend x device count x global batch.
+
+  python -m benchmarks.throughput [--quick] [--backends=shard_map,pmap] [--devices=1,2,4,8] [--batches=128,512]
+
+Every row builds the default recipe (configs/default.py: the CNN, SGD lr 0.01 momentum 0.99) with
+`trainer.state`, compiles `parallel.steps.Stepper`'s step, and feeds it real Fashion-MNIST batches through
+`input_pipeline.pipeline.train_dataset` and `input_pipeline.device_feed.Prefetcher`, with the trainer's bound
+on steps in flight (block on the metrics of the step `max_steps_in_flight` back, as trainer/loop.py does).
+The `reference` rows run benchmarks/reference_loop.py: the plain single-device tutorial loop.
+
+Columns:
+  img/s        train images per second: median over timed windows after compile and warm-up
+  ms/step      median window time / steps per window
+  input%       share of the windows' time spent blocked on input (Prefetcher.wait_s; for the reference
+               rows, the host-side numpy gather and scaling)
+  cpu          process CPU time (all threads: XLA, tf.data, Python) / wall time in the windows: cores kept busy
+  compile_s    time of the first step (trace + compile + one run), first batch already in hand
+  GFLOP/s      XLA cost-analysis flops of the compiled step (all devices together) x steps per second
+  %peak        GFLOP/s / the best float32 matmul rate measured at the start of the same run
+  rss_MB       this process's resident memory after the row
+  maxrss_MB    ru_maxrss of this process: the peak since the process started (cumulative over the rows
+               before it, never per row)
+Simulated devices are configured once (`--simulated_devices`, default 8) before JAX starts; each row uses
+the first k of them (`parallel.mesh.make_mesh(num_devices=k)`). The last line printed is one JSON object with
+every row, for the README.
+"""
+
+import argparse
+import collections
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+FULL = {'backends': 'shard_map,pmap', 'devices': '1,2,4,8', 'batches': '128,512', 'warmup_s': 1.0,
+        'window_s': 1.5, 'windows': 5}
+QUICK = {'backends': 'shard_map', 'devices': '1,2', 'batches': '128', 'warmup_s': 0.5, 'window_s': 0.75,
+         'windows': 3}
+
+
+def _ints(text: str):
+  return [int(x) for x in text.split(',') if x.strip()]
+
+
+def _names(text: str):
+  return [x.strip() for x in text.split(',') if x.strip()]
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog='python -m benchmarks.throughput', description=__doc__.split('\n')[0])
+  p.add_argument('--quick', action='store_true', help='CI smoke: a couple of rows, a few seconds of timing')
+  p.add_argument('--backends', help=f'comma list of shard_map,pmap (default {FULL["backends"]}; quick: '
+                 f'{QUICK["backends"]})')
+  p.add_argument('--devices', help=f'comma list of device counts (default {FULL["devices"]}; quick: '
+                 f'{QUICK["devices"]})')
+  p.add_argument('--batches', help=f'comma list of global batch sizes (default {FULL["batches"]}; quick: '
+                 f'{QUICK["batches"]})')
+  p.add_argument('--simulated_devices', type=int, default=0,
+                 help='CPU devices to simulate (default: max(8, largest --devices))')
+  p.add_argument('--no_reference', action='store_true', help='skip the plain-loop reference rows')
+  p.add_argument('--warmup_s', type=float, help='seconds of warm-up steps after compile')
+  p.add_argument('--window_s', type=float, help='target seconds per timed window')
+  p.add_argument('--windows', type=int, help='timed windows per row (the median is reported)')
+  p.add_argument('--json', help='also write the JSON summary to this file')
+  args = p.parse_args(argv)
+  defaults = QUICK if args.quick else FULL
+  for key, value in defaults.items():
+    if getattr(args, key) is None:
+      setattr(args, key, value)
+  args.backends, args.devices, args.batches = _names(args.backends), _ints(args.devices), _ints(args.batches)
+  bad = [b for b in args.backends if b not in ('shard_map', 'pmap')]
+  if bad:
+    p.error(f'unknown backend(s) {bad}: use shard_map and/or pmap')
+  if not args.devices or min(args.devices) < 1 or not args.batches or min(args.batches) < 1:
+    p.error('--devices and --batches need positive integers')
+  args.simulated_devices = args.simulated_devices or max(8, max(args.devices))
+  return args
+
+
+# --- machine peak -------------------------------------------------------------------------------------------
+def _median_time(fn, reps: int) -> float:
+  fn()  # compile / warm
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return statistics.median(times)
+
+
+def matmul_peak(n: int = 2048, reps: int = 7, quick: bool = False) -> dict:
+  """Measured float32 matmul GFLOP/s: jit on one device, shard_map over the first k devices, numpy."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import PartitionSpec as P
+
+  from parallel import mesh as mesh_lib
+
+  flops = 2.0 * n ** 3
+  a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32))
+  b = jax.device_put(jnp.asarray(np.random.default_rng(1).standard_normal((n, n)), jnp.float32))
+  out = {}
+  dot = jax.jit(jnp.dot)
+  out['jit_1dev'] = flops / _median_time(lambda: dot(a, b).block_until_ready(), reps) / 1e9
+  for k in sorted({os.cpu_count() or 1} if quick else {os.cpu_count() or 1, jax.device_count()}):
+    if k < 2 or k > jax.device_count() or n % k:
+      continue
+    mesh = mesh_lib.make_mesh(num_devices=k)
+    sharded = jax.jit(jax.shard_map(jnp.dot, mesh=mesh, in_specs=(P('data'), P()), out_specs=P('data')))
+    ak, bk = jax.device_put(a, mesh_lib.batch_sharding(mesh)), jax.device_put(b, mesh_lib.replicated(mesh))
+    out[f'shard_map_{k}dev'] = flops / _median_time(lambda: sharded(ak, bk).block_until_ready(), reps) / 1e9
+  if not quick:
+    an, bn = np.asarray(a), np.asarray(b)
+    out['numpy'] = flops / _median_time(lambda: an @ bn, reps) / 1e9
+  return out
+
+
+# --- one data-parallel row ----------------------------------------------------------------------------------
+_INITIAL = {}
+
+
+def canonical_state(data):
+  """`trainer.state.initial_state` of the default recipe, on the host, built once per process.
+
+  initial_state compiles its init for every new mesh (seconds each here); the canonical state is the same for
+  every row (same seed, same optimizer-state structure), so it is built once and each row puts a fresh copy on
+  its own mesh (fresh buffers matter: the step donates them).
+  """
+  if 'state' not in _INITIAL:
+    import jax
+
+    from configs import default
+    from parallel import mesh as mesh_lib
+    from trainer import state as state_lib
+    config = default.get_config()
+    model, _ = state_lib.make_models(config, data.num_classes)
+    tx = state_lib.make_optimizer(config, 1)
+    _INITIAL['state'] = jax.device_get(state_lib.initial_state(mesh_lib.make_mesh(num_devices=1), model, tx,
+                                                               data.image_shape, config.seed))
+  return _INITIAL['state']
+
+
+def bench_row(backend: str, k: int, batch: int, data, timing) -> dict:
+  import jax
+
+  from configs import default
+  from input_pipeline import device_feed, order, pipeline
+  from parallel import mesh as mesh_lib
+  from parallel.steps import Stepper
+  from trainer import state as state_lib
+
+  from benchmarks.reference_loop import cost_flops
+
+  config = default.get_config()
+  config.batch_size = batch
+  config.parallel_backend = backend
+  mesh = mesh_lib.make_mesh(num_devices=k)
+  mesh_lib.check_batch(batch, k)
+  total_steps = config.num_epochs * order.steps_per_epoch(len(data.train_images), batch)
+  model, eval_model = state_lib.make_models(config, data.num_classes)
+  tx = state_lib.make_optimizer(config, total_steps)
+  stepper = Stepper(mesh, model, eval_model, tx, backend, config.bn_mode)
+  state = stepper.to_device(jax.device_put(canonical_state(data), mesh_lib.replicated(mesh)))
+
+  rows = mesh_lib.process_rows(mesh, batch)
+  ds = pipeline.train_dataset(data.train_images, data.train_labels, seed=config.seed, global_batch=batch,
+                              rows=rows, start_step=0, num_steps=10 ** 7)  # Lazy: only what is taken is made.
+  if backend == 'pmap':
+    put = lambda b: mesh_lib.to_pmap_layout(mesh, b)
+  else:
+    put = lambda b: mesh_lib.to_global(mesh, b, batch)
+  feed = device_feed.Prefetcher(pipeline.as_numpy(ds), put, config.prefetch_batches)
+  max_in_flight = config.max_steps_in_flight
+
+  t = time.perf_counter()
+  first = next(feed)
+  first_batch_s = time.perf_counter() - t
+  t = time.perf_counter()
+  state, metrics = stepper.train_step(state, first)
+  jax.device_get(stepper.metrics(metrics))
+  compile_s = time.perf_counter() - t
+
+  pending = collections.deque()
+  done = []  # (time, feed.wait_s, process CPU time, metrics) when each step's metrics reached the host
+
+  def dispatch():
+    nonlocal state
+    state, m = stepper.train_step(state, next(feed))
+    pending.append(m)
+    while len(pending) > max_in_flight:  # Block on the step `max_in_flight` back, like trainer/loop.py.
+      m_host = jax.device_get(stepper.metrics(pending.popleft()))
+      done.append((time.perf_counter(), feed.wait_s, time.process_time(), m_host))
+
+  t0 = time.perf_counter()
+  while len(done) < 3 or time.perf_counter() - t0 < timing.warmup_s:
+    dispatch()
+  per_step = (done[-1][0] - done[0][0]) / max(len(done) - 1, 1)
+  n = max(2, int(round(timing.window_s / per_step)))
+  s0 = len(done) - 1
+  while len(done) <= s0 + timing.windows * n:
+    dispatch()
+  times, waits, cpus = [], [], []
+  for j in range(timing.windows):
+    (ta, wa, ca, _), (tb, wb, cb, _) = done[s0 + j * n], done[s0 + (j + 1) * n]
+    times.append(tb - ta)
+    waits.append(wb - wa)
+    cpus.append(cb - ca)
+  while pending:
+    jax.device_get(stepper.metrics(pending.popleft()))
+  last = done[-1][3]
+
+  # Cost analysis of the same step (the jit cache usually makes this free); flops are one device's program.
+  t = time.perf_counter()
+  flops_one = cost_flops(stepper.train_step.lower(state, next(feed)).compile())
+  cost_s = time.perf_counter() - t
+
+  med = statistics.median(times)
+  row = {'backend': backend, 'devices': k, 'batch': batch, 'images_per_s': n * batch / med,
+         'ms_per_step': 1e3 * med / n, 'input_wait': sum(waits) / sum(times), 'compile_s': compile_s,
+         'cpu_cores': sum(cpus) / sum(times),
+         'flops_per_step': flops_one * k, 'steps_per_window': n, 'window_s': times,
+         'images_per_s_windows': [n * batch / w for w in times], 'first_batch_s': first_batch_s,
+         'cost_analysis_s': cost_s, 'final_loss': float(last['loss_sum']) / max(float(last['count']), 1.0)}
+  del state, metrics, pending, done, feed, ds, stepper, first
+  return row
+
+
+# --- report -------------------------------------------------------------------------------------------------
+def _rss_mb():
+  try:
+    import psutil
+    return psutil.Process().memory_info().rss / 2 ** 20
+  except ImportError:  # psutil is a project dependency; keep the benchmark usable without it.
+    return float('nan')
+
+
+def _maxrss_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux.
+
+
+COLUMNS = [('backend', '{}'), ('dev', '{}'), ('batch', '{}'), ('img/s', '{:.0f}'), ('ms/step', '{:.1f}'),
+           ('input%', '{:.1f}'), ('cpu', '{:.2f}'), ('compile_s', '{:.2f}'), ('GFLOP/s', '{:.1f}'), ('%peak', '{:.1f}'),
+           ('rss_MB', '{:.0f}'), ('maxrss_MB', '{:.0f}')]
+
+
+def _cells(row):
+  if 'error' in row:
+    return [str(row['backend']), str(row['devices']), str(row['batch']), 'error'] + [''] * (len(COLUMNS) - 4)
+  values = [row['backend'], row['devices'], row['batch'], row['images_per_s'], row['ms_per_step'],
+            None if row.get('input_wait') is None else 100 * row['input_wait'], row.get('cpu_cores'), row['compile_s'],
+            row['gflops'], row['pct_peak'], row['rss_mb'], row['maxrss_mb']]
+  return [('-' if v is None else fmt.format(v)) for v, (_, fmt) in zip(values, COLUMNS)]
+
+
+def table(rows) -> str:
+  cells = [[c for c, _ in COLUMNS]] + [_cells(r) for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+  fmt = lambda r: '  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  return '\n'.join([fmt(cells[0]), '  '.join('-' * w for w in widths)] + [fmt(r) for r in cells[1:]])
+
+
+def main(argv=None) -> int:
+  started = time.perf_counter()
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  from parallel import topology
+  topology.configure_backend('cpu', args.simulated_devices)  # Before anything starts JAX's backend.
+  import jax
+
+  from configs import default
+  from input_pipeline import pipeline, sources  # noqa: F401  (TensorFlow's import: seconds, not in a row)
+
+  from benchmarks import reference_loop
+
+  load_start = os.getloadavg()
+  quiet = lambda msg: print(f'[{time.perf_counter() - started:5.1f}s] {msg}', file=sys.stderr, flush=True)
+  data = sources.load(default.get_config())
+  quiet(f'data: {data.source} {data.train_images.shape}; jax {jax.__version__}, {jax.device_count()} '
+        f'simulated {jax.default_backend()} devices on {os.cpu_count()} cores')
+  peak = matmul_peak(reps=3 if args.quick else 7, quick=args.quick)
+  peak_gflops = max(peak.values())
+  quiet('float32 matmul 2048^3 GFLOP/s: ' + ', '.join(f'{k} {v:.1f}' for k, v in peak.items()))
+
+  rows = []
+
+  def finish(row):
+    flops = row.get('flops_per_step') or 0.0
+    row['gflops'] = flops * row['images_per_s'] / row['batch'] / 1e9
+    row['pct_peak'] = 100 * row['gflops'] / peak_gflops
+    row['rss_mb'], row['maxrss_mb'] = _rss_mb(), _maxrss_mb()
+    rows.append(row)
+    quiet(f'  {row["backend"]:>9} dev={row["devices"]} batch={row["batch"]}: {row["images_per_s"]:.0f} img/s, '
+          f'{row["ms_per_step"]:.1f} ms/step, compile {row["compile_s"]:.2f}s, loss {row["final_loss"]:.3f}')
+
+  for batch in args.batches:
+    if not args.no_reference:
+      init = canonical_state(data)  # The same initial weights as the data-parallel rows.
+      finish(reference_loop.run(data.train_images, data.train_labels, batch=batch, warmup_s=args.warmup_s,
+                                window_s=args.window_s, windows=args.windows,
+                                variables={'params': init.params, 'batch_stats': init.batch_stats}))
+    for backend in args.backends:
+      for k in args.devices:
+        if k > jax.device_count() or batch % k:
+          quiet(f'  skip {backend} dev={k} batch={batch}: ' +
+                ('too few devices' if k > jax.device_count() else 'batch does not split'))
+          continue
+        try:
+          finish(bench_row(backend, k, batch, data, args))
+        except Exception as e:  # One broken row (a stuck collective, say) must not lose the others.
+          quiet(f'  {backend} dev={k} batch={batch} failed: {e.__class__.__name__}: {str(e)[:300]}')
+          rows.append({'backend': backend, 'devices': k, 'batch': batch, 'error': f'{e.__class__.__name__}: {e}'[:500],
+                       'images_per_s_windows': []})
+        gc.collect()
+
+  quiet('done')
+  print(table(rows))
+  print(f'(median of {args.windows} windows of ~{args.window_s}s after {args.warmup_s}s warm-up; peak = best '
+        f'float32 matmul {peak_gflops:.1f} GFLOP/s measured in this run; maxrss_MB is the process peak so far, '
+        f'cumulative over rows; load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; '
+        f'{time.perf_counter() - started:.0f}s total)')
+  summary = {'machine': {'cpu_count': os.cpu_count(), 'processor': platform.processor() or platform.machine(),
+                         'jax': jax.__version__, 'simulated_devices': jax.device_count(),
+                         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'loadavg_start': load_start[0],
+                         'loadavg_end': os.getloadavg()[0]},
+             'matmul_gflops': peak, 'peak_gflops': peak_gflops, 'quick': args.quick,
+             'timing': {'warmup_s': args.warmup_s, 'window_s': args.window_s, 'windows': args.windows},
+             'rows': [{k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()
+                       if k not in ('window_s', 'images_per_s_windows')} |
+                      {'images_per_s_windows': [round(x, 1) for x in r['images_per_s_windows']]} for r in rows]}
+  line = json.dumps(summary, sort_keys=False)
+  if args.json:
+    with open(args.json, 'w') as f:
+      f.write(line + '\n')
+  print(line)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
