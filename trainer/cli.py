@@ -1,0 +1,83 @@
+"""Command-line hygiene for train.py: absl / ml_collections parse errors and unusable workdirs become one
+`UserError` line (train.py prints it and exits 2) instead of a traceback."""
+
+import os
+import re
+
+import ml_collections
+from absl import flags
+
+from errors import UserError
+
+
+def parse_flags(flag_values, argv):
+  """absl parsing, with config-file and override errors turned into one line."""
+  path = _config_path(argv)
+  if path and not os.path.isfile(path.split(':', 1)[0]):
+    raise UserError(f'--config={path}: no such file: give the path of a config file, e.g. '
+                    '--config=configs/default.py (relative paths start at the current directory)')
+  try:
+    rest = flag_values(argv)
+  except flags.Error as e:
+    lines = str(e).strip().splitlines()
+    msg = lines[-1] if lines else repr(e)
+    if 'Error whilst parsing config file' in str(e):
+      msg = f'{path} failed to load ({msg}): fix the config file'
+    elif msg.startswith('flag --config.'):
+      msg += ': give a value of the type that configs/default.py uses for this key'
+    raise UserError(msg) from None
+  except SyntaxError as e:
+    raise UserError(f'{path} has a Python syntax error at line {e.lineno} ({e.msg}): fix the config file') \
+        from None
+  except (AttributeError, KeyError) as e:
+    unknown = _unknown_override(argv, str(e))
+    if not unknown:
+      raise UserError(f'{path} failed to load ({e.__class__.__name__}: {_first_line(e)}): fix the config file, '
+                      'it must define get_config()') from None
+    match = re.search(r'Did you mean "([^"]+)"', str(e))
+    hint = f'did you mean --config.{match.group(1)}? ' if match else ''
+    raise UserError(f'--config.{unknown}: that config key does not exist: {hint}the keys are listed in '
+                    'configs/default.py') from None
+  except Exception as e:  # The config file raised while running (an import, get_config()).
+    raise UserError(f'{path} failed to load ({e.__class__.__name__}: {_first_line(e)}): fix the config file') \
+        from None
+  if path and not isinstance(flag_values.config, ml_collections.ConfigDict):
+    raise UserError(f'{path}: get_config() returned {type(flag_values.config).__name__}, not a ConfigDict: fix the '
+                    'config file (see configs/default.py)')
+  return rest
+
+
+def _config_path(argv) -> str:
+  """The --config value in `argv` ('' when absent)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg[len('--config='):]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+def _unknown_override(argv, message: str) -> str:
+  """The --config.KEY override that `message` (an ml_collections lookup error) is about, or ''."""
+  for arg in argv:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0]
+      if f': {key}' in message or any(re.search(rf'\b{re.escape(part)}\b', message) for part in key.split('.')):
+        return key
+  return ''
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+
+
+def check_workdir(workdir: str) -> None:
+  """Fails early (creating nothing) when `workdir` cannot become a writable directory."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    raise UserError(f'--workdir={workdir} is not usable: {path} is a file, not a directory: choose another --workdir')
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise UserError(f'--workdir={workdir} is not writable ({path} denies write access): choose a directory you '
+                    'can write to')
