@@ -57,7 +57,7 @@ class _StepMetrics:
 
   def _collect(self) -> None:
     step, metrics = self._pending.popleft()
-    m = jax.device_get(self._stepper.metrics(metrics))  # Blocks on the oldest step: the in-flight bound.
+    m = self._stepper.metrics(metrics)  # Blocks on the oldest step: the in-flight bound.
     if not m['finite']:
       raise Diverged(f'the training loss became NaN or Inf at step {step}; the last checkpoint before it is '
                      'intact: lower --config.learning_rate (or use --config.lr_schedule=warmup_cosine) and rerun')
@@ -76,7 +76,6 @@ def evaluate(stepper: Stepper, state, data: sources.InMemoryDataset, config, mes
   for batch in device_feed.Prefetcher(pipeline.as_numpy(ds), _placer(stepper, mesh, config.eval_batch_size)):
     sums = stepper.eval_step(eval_state, batch)
     totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-  totals = jax.device_get(totals)
   count = int(round(float(totals['count'])))
   return {'test_loss': float(totals['loss_sum']) / max(count, 1),
           'test_accuracy': float(totals['correct']) / max(count, 1), 'test_examples': count}
