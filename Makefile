@@ -31,7 +31,7 @@ data:
 train: setup data
 	$(PY) train.py --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
 
-test: setup
+test: setup data
 	$(PY) -m pytest -q tests $(ARGS)
 
 bench: setup data

@@ -1,0 +1,39 @@
+"""Smoke runs of the benchmark scripts (`--quick`): they run and print their figures. No timing asserts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+
+# The benchmarks measure the real default job's data; `make test` installs it where apt exists.
+pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
+                                reason=f'{FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)')
+
+
+def _run(*args):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
+def test_throughput_quick_prints_rows():
+  out = _run('benchmarks.throughput', '--quick', '--devices=2', '--simulated_devices=2')
+  summary = json.loads(out.strip().splitlines()[-1])
+  rows = {(r['backend'], r['devices']): r for r in summary['rows']}
+  assert set(rows) == {('reference', 1), ('shard_map', 2)}
+  for row in rows.values():
+    assert row['images_per_s'] > 0 and row['flops_per_step'] > 1e9  # ~3.4 GFLOP per step of 128 images.
+  assert 0 < summary['peak_gflops']
+
+
+def test_input_pipeline_quick_prints_table():
+  out = _run('benchmarks.input_pipeline', '--quick')
+  assert 'images' in out.lower() and 'to device' in out.lower(), out
