@@ -2,6 +2,7 @@
 
 import collections
 import os
+import time
 from typing import Optional
 
 import jax
@@ -155,6 +156,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         reporter.write(event)
         reporting.log(reporting.train_line(event, total_steps), is_main)
         window.reset()
+      t_aside = time.perf_counter()
       if step % eval_every == 0 or step == total_steps:
         window.drain()
         state = stepper.sync_batch_stats(state)
@@ -162,10 +164,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                  **evaluate(stepper, state, data, config, mesh)}
         reporter.write(final)
         reporting.log(reporting.eval_line(final), is_main)
-        speed.pause()
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
         save()
-        speed.pause()
+      speed.exclude(time.perf_counter() - t_aside)
       if step < total_steps and preemption.reached(step):
         save()
         ckpts.wait()

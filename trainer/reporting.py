@@ -62,24 +62,27 @@ class Reporter:
 
 
 class Throughput:
-  """Images/sec, share of time waiting for input, and ETA over the window since the last report."""
+  """Images/sec, share of time waiting for input, and ETA over the window since the last report.
+
+  Time spent in eval and checkpoint saves is excluded (`exclude`), so img/s describes training alone.
+  """
 
   def __init__(self, start_step: int, total_steps: int, global_batch: int):
     self.total_steps, self.global_batch = total_steps, global_batch
-    self._t, self._step, self._wait = time.perf_counter(), start_step, 0.0
+    self._t, self._step, self._wait, self._excluded = time.perf_counter(), start_step, 0.0, 0.0
 
   def window(self, step: int, wait_s_total: float) -> dict:
     now = time.perf_counter()
-    dt, steps = max(now - self._t, 1e-9), step - self._step
+    dt, steps = max(now - self._t - self._excluded, 1e-9), step - self._step
     out = {'images_per_sec': round(steps * self.global_batch / dt, 1),
            'input_wait_share': round(min((wait_s_total - self._wait) / dt, 1.0), 4),
            'eta_s': round((self.total_steps - step) * dt / max(steps, 1), 1)}
-    self._t, self._step, self._wait = now, step, wait_s_total
+    self._t, self._step, self._wait, self._excluded = now, step, wait_s_total, 0.0
     return out
 
-  def pause(self) -> None:
-    """Excludes the time since the last call (eval, checkpoint) from the next window."""
-    self._t = time.perf_counter()
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an eval, a checkpoint save) out of the current window."""
+    self._excluded += seconds
 
 
 def train_line(event: dict, total_steps: int) -> str:
