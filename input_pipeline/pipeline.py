@@ -16,7 +16,8 @@ from input_pipeline import order
 
 # TensorFlow is only a data loader here: it must never grab an accelerator's memory.
 tf.config.set_visible_devices([], 'GPU')
-tf.config.set_visible_devices([], 'TPU') if tf.config.list_physical_devices('TPU') else None
+if tf.config.list_physical_devices('TPU'):
+  tf.config.set_visible_devices([], 'TPU')
 
 
 def _options(threads: int) -> tf.data.Options:

@@ -63,9 +63,9 @@ def _how_to_get(name: str) -> str:
   spec = DATASETS.get(name)
   if spec and spec.apt_package:
     return (f'install it with `apt-get install -y {spec.apt_package}`, or prepare it with TFDS on a machine '
-            f'with internet (`--config.data_source=tfds --config.download=True`)')
-  return (f'prepare it with TFDS on a machine with internet (`--config.download=True`, optionally '
-          f'`--config.data_dir=DIR`) or point --config.data_dir at its IDX files')
+            'with internet (`--config.data_source=tfds --config.download=True`)')
+  return ('prepare it with TFDS on a machine with internet (`--config.download=True`, optionally '
+          '`--config.data_dir=DIR`) or point --config.data_dir at its IDX files')
 
 
 def load_idx(name: str, data_dir: str, num_classes: Optional[int] = None) -> InMemoryDataset:

@@ -16,7 +16,7 @@ state's buffers donated.
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -152,7 +152,7 @@ class Stepper:
     return self.to_canonical(state) if self.backend == 'shard_map' else state
 
   def eval_step(self, eval_state: TrainState, batch):
-    """Sums over this eval batch (see `_eval_body`), replicated."""
+    """Host values of the sums over this eval batch (see `_eval_body`)."""
     return self.metrics(self._eval(eval_state, batch))
 
   def metrics(self, metrics):

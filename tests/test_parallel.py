@@ -6,7 +6,6 @@ Runs in-process on the 8 simulated CPU devices that conftest.py configures.
 import jax
 import numpy as np
 import pytest
-from ml_collections import ConfigDict
 
 from configs import default
 from parallel import mesh as mesh_lib

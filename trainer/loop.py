@@ -6,7 +6,6 @@ import time
 from typing import Optional
 
 import jax
-import numpy as np
 from absl import logging
 
 from errors import UserError
