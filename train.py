@@ -9,14 +9,16 @@ Bad input (config, flags, data, checkpoints, topology) ends with one `error:` li
 import os
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Run from the checkout (the Flax examples' layout; nothing of ours is installed into site-packages): make
+# the checkout importable however this file is started (`python train.py`, runpy.run_path, another cwd).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-from errors import UserError
-from parallel import topology
-from trainer import cli
+from errors import UserError  # noqa: E402
+from parallel import topology  # noqa: E402
+from trainer import cli, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl, TensorBoard events, plots.')
@@ -51,7 +53,7 @@ def main(argv):
     raise UserError('--workdir is required: the directory for checkpoints and metrics')
   from trainer import config_check  # Bad values fail here, before any device, process or file is touched.
   config_check.validate(FLAGS.config)
-  cli.check_workdir(FLAGS.workdir)
+  workdir.check(FLAGS.workdir)
   num_cpu = FLAGS.num_cpu_devices
   if num_cpu == -1:
     num_cpu = _auto_cpu_devices(FLAGS.config) if FLAGS.platform in ('auto', 'cpu') and \

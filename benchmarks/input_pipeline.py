@@ -76,7 +76,7 @@ def main(argv):
   results = []
   n, s = _timed(stream(), seconds, warmup)
   results.append(('host only (tf.data -> numpy)', n, s))
-  feed = device_feed.Prefetcher(stream(), lambda b: mesh_lib.to_global(mesh, b, batch), config.prefetch_batches)
+  feed = device_feed.Prefetcher(stream(), lambda b: mesh_lib.to_global(mesh, b), config.prefetch_batches)
   n, s = _timed(feed, seconds, warmup, finish=jax.block_until_ready)
   results.append((f'to device ({mesh.devices.size} x {jax.devices()[0].platform}, prefetch '
                   f'{config.prefetch_batches})', n, s))

@@ -3,7 +3,7 @@
   python -m benchmarks.throughput [--quick] [--backends=shard_map,pmap] [--devices=1,2,4,8] [--batches=128,512]
 
 Every row builds the default recipe (configs/default.py: the CNN, SGD lr 0.01 momentum 0.99) with
-`trainer.state`, compiles `parallel.steps.Stepper`'s step, and feeds it real Fashion-MNIST batches through
+`trainer.job.build` (the trainer's own job builder), compiles its step, and feeds it real Fashion-MNIST batches through
 `input_pipeline.pipeline.train_dataset` and `input_pipeline.device_feed.Prefetcher`, with the trainer's bound
 on steps in flight (block on the metrics of the step `max_steps_in_flight` back, as trainer/loop.py does).
 The `reference` rows run benchmarks/reference_loop.py: the plain single-device tutorial loop.
@@ -170,60 +170,45 @@ def matmul_peak(n: int = 2048, reps: int = 7, quick: bool = False) -> dict:
 _INITIAL = {}
 
 
-def canonical_state(data):
-  """`trainer.state.initial_state` of the default recipe, on the host, built once per process.
+def _config(backend: str, batch: int):
+  from configs import default
+  config = default.get_config()
+  config.batch_size = batch
+  config.parallel_backend = backend
+  return config
 
-  initial_state compiles its init for every new mesh (seconds each here); the canonical state is the same for
-  every row (same seed, same optimizer-state structure), so it is built once and each row puts a fresh copy on
-  its own mesh (fresh buffers matter: the step donates them).
+
+def canonical_state(data):
+  """The default recipe's initial state, on the host, built once per process.
+
+  Initialising compiles once per mesh (seconds each here); the canonical state is the same for every row
+  (same seed, same optimizer-state structure), so it is built once and each row puts a fresh copy on its own
+  mesh (fresh buffers matter: the step donates them).
   """
   if 'state' not in _INITIAL:
     import jax
 
-    from configs import default
     from parallel import mesh as mesh_lib
-    from trainer import state as state_lib
-    config = default.get_config()
-    model, _ = state_lib.make_models(config, data.num_classes)
-    tx = state_lib.make_optimizer(config, 1)
-    _INITIAL['state'] = jax.device_get(state_lib.initial_state(mesh_lib.make_mesh(num_devices=1), model, tx,
-                                                               data.image_shape, config.seed))
+    from trainer import job as job_lib
+    job = job_lib.build(_config('shard_map', 128), mesh=mesh_lib.make_mesh(num_devices=1), data=data)
+    _INITIAL['state'] = jax.device_get(job.initial_state())
   return _INITIAL['state']
 
 
 def bench_row(backend: str, k: int, batch: int, data, timing) -> dict:
+  """One row: the trainer's own job (`trainer.job.build`) on the first `k` devices, fed by its train feed."""
   import jax
 
-  from configs import default
-  from input_pipeline import device_feed, order, pipeline
   from parallel import mesh as mesh_lib
-  from parallel.steps import Stepper
-  from trainer import state as state_lib
+  from trainer import job as job_lib
 
-  config = default.get_config()
-  config.batch_size = batch
-  config.parallel_backend = backend
-  mesh = mesh_lib.make_mesh(num_devices=k)
-  mesh_lib.check_batch(batch, k)
-  total_steps = config.num_epochs * order.steps_per_epoch(len(data.train_images), batch)
-  model, eval_model = state_lib.make_models(config, data.num_classes)
-  tx = state_lib.make_optimizer(config, total_steps)
-  stepper = Stepper(mesh, model, eval_model, tx, backend, config.bn_mode)
-  state = stepper.to_device(jax.device_put(canonical_state(data), mesh_lib.replicated(mesh)))
-
-  rows = mesh_lib.process_rows(mesh, batch)
-  ds = pipeline.train_dataset(data.train_images, data.train_labels, seed=config.seed, global_batch=batch,
-                              rows=rows, start_step=0, num_steps=10 ** 7)  # Lazy: only what is taken is made.
-  if backend == 'pmap':
-    put = lambda b: mesh_lib.to_pmap_layout(mesh, b)
-  else:
-    put = lambda b: mesh_lib.to_global(mesh, b, batch)
-  feed = device_feed.Prefetcher(pipeline.as_numpy(ds), put, config.prefetch_batches)
+  job = job_lib.build(_config(backend, batch), mesh=mesh_lib.make_mesh(num_devices=k), data=data)
+  state = job.stepper.to_device(jax.device_put(canonical_state(data), mesh_lib.replicated(job.mesh)))
+  feed = job.train_feed(0, num_steps=10 ** 7)  # Lazy: only what is taken is made.
   try:
-    return _timed_steps(stepper, state, feed, backend, k, batch, config.max_steps_in_flight, timing)
+    return _timed_steps(job.stepper, state, feed, backend, k, batch, job.config.max_steps_in_flight, timing)
   finally:
-    if hasattr(feed, 'close'):  # The Prefetcher's background thread would outlive the row otherwise.
-      feed.close()
+    feed.close()  # The Prefetcher's background thread would outlive the row otherwise.
 
 
 def _timed_steps(stepper, state, feed, backend: str, k: int, batch: int, max_in_flight: int, timing) -> dict:

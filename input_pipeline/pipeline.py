@@ -5,10 +5,8 @@ Each process reads rows `rows = (lo, hi)` of every global batch (the rows its de
 so the train step receives ready batches.
 """
 
-import os
 from typing import Iterator, Tuple
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import numpy as np
 import tensorflow as tf
 

@@ -1,21 +1,25 @@
-"""Model registry: `config.model` names one of `MODELS`; add a model by adding an entry."""
+"""Model registry: `config.model` names one of `MODELS`, `config.dtype` one of `DTYPES`.
+
+Adding a model is one entry here plus its module. An entry is a builder `(config, **kw) -> nn.Module`; `kw` is
+`num_classes`, `dtype` (compute dtype; params stay float32) and `bn_axis_name` (the mesh axis BatchNorm
+reduces over, or None). A builder reads any model-specific config fields it needs.
+"""
 
 from typing import Callable, Dict
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from errors import UserError
 from models import cnn, mlp
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
-    'cnn': cnn.CNN,
-    'mlp': mlp.MLP,
+    'cnn': lambda config, **kw: cnn.CNN(**kw),
+    'mlp': lambda config, **kw: mlp.MLP(**kw),
 }
 
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
-def create_model(name: str, *, num_classes: int, dtype=jnp.float32, bn_axis_name=None) -> nn.Module:
-  """Builds `config.model`; params stay float32, `dtype` is the compute dtype."""
-  if name not in MODELS:
-    raise UserError(f'unknown model {name!r}: set --config.model to one of {sorted(MODELS)}')
-  return MODELS[name](num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name)
+
+def create_model(config, *, num_classes: int, bn_axis_name=None) -> nn.Module:
+  """Builds `config.model` in `config.dtype`."""
+  return MODELS[config.model](config, num_classes=num_classes, dtype=DTYPES[config.dtype], bn_axis_name=bn_axis_name)

@@ -3,10 +3,9 @@
 from typing import Tuple
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from errors import UserError
+from errors import UserError, setting
 
 AXIS = 'data'
 
@@ -36,11 +35,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch(global_batch: int, num_devices: int, what: str = 'batch_size') -> None:
   """A global batch must split evenly over the devices; say which sizes would."""
   if global_batch <= 0:
-    raise UserError(f'--config.{what}={global_batch} must be positive')
+    raise UserError(f'{setting(what)}={global_batch} must be positive')
   if global_batch % num_devices:
     lower = global_batch // num_devices * num_devices
     near = [s for s in (lower, lower + num_devices) if s > 0]
-    raise UserError(f'--config.{what}={global_batch} does not split over {num_devices} devices: use a multiple '
+    raise UserError(f'{setting(what)}={global_batch} does not split over {num_devices} devices: use a multiple '
                     f'of {num_devices}, e.g. {" or ".join(map(str, near))}')
 
 
@@ -55,15 +54,14 @@ def process_rows(mesh: Mesh, global_batch: int) -> Tuple[int, int]:
   return lo, hi
 
 
-def to_global(mesh: Mesh, local_batch, global_batch: int):
-  """This process's rows -> one global jax.Array per leaf, sharded over `data` (shard_map layout)."""
+def to_global(mesh: Mesh, local_batch):
+  """This process's rows -> one global jax.Array per leaf, sharded over `data` (shard_map layout).
+
+  Every process holds the same number of devices, so the global batch is the local one times
+  (devices / local devices).
+  """
   sharding = batch_sharding(mesh)
+  scale = mesh.devices.size // sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x, (global_batch,) + x.shape[1:]), local_batch)
-
-
-def to_pmap_layout(mesh: Mesh, local_batch):
-  """This process's rows -> [local_devices, per_device, ...] on the local devices (pmap layout)."""
-  local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-  sharding = NamedSharding(Mesh(np.array(local), (AXIS,)), P(AXIS))
-  return jax.tree.map(lambda x: jax.device_put(x.reshape((len(local), -1) + x.shape[1:]), sharding), local_batch)
+      lambda x: jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * scale,) + x.shape[1:]),
+      local_batch)

@@ -16,9 +16,8 @@ state's buffers donated.
 """
 
 import functools
-from typing import Any
+from typing import Callable, Dict, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,20 +25,12 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from errors import UserError
+from parallel import mesh as mesh_lib
 from parallel.mesh import AXIS, replicated
+from trainer.state import TrainState
 
-BACKENDS = ('shard_map', 'pmap')
-BN_MODES = ('global', 'local')
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  opt_state: Any
-  rng: jax.Array
+# bn_mode -> the axis the train model's BatchNorm reduces over (None: per device, synced before eval/save).
+BN_MODES: Dict[str, Optional[str]] = {'global': AXIS, 'local': None}
 
 
 def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool):
@@ -80,66 +71,25 @@ def _eval_body(state: TrainState, batch, *, model):
 
 
 class Stepper:
-  """Compiled train/eval steps and state layout for one backend.
+  """Compiled train/eval steps, batch placement and state layout for one backend (a subclass).
 
   The *canonical* state (checkpoints, init) is replicated over the mesh with unstacked `batch_stats`.
-  `to_device` / `to_canonical` convert to and from the backend's own layout.
+  `to_device` / `to_canonical` convert to and from the backend's own layout; `place` puts this process's
+  rows of a global batch on the devices in the layout the steps take.
   """
 
-  def __init__(self, mesh, model, eval_model, tx, backend: str = 'shard_map', bn_mode: str = 'global'):
-    if backend not in BACKENDS:
-      raise UserError(f'unknown parallel_backend {backend!r}: set --config.parallel_backend to one of {BACKENDS}')
-    if bn_mode not in BN_MODES:
-      raise UserError(f'unknown bn_mode {bn_mode!r}: set --config.bn_mode to one of {BN_MODES}')
-    self.mesh, self.backend, self.local_bn = mesh, backend, bn_mode == 'local'
+  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global'):
+    self.mesh, self.local_bn = mesh, BN_MODES[bn_mode] is None
     self.num_devices = mesh.devices.size
     self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    train = functools.partial(_train_body, model=model, tx=tx, local_bn=self.local_bn and backend == 'shard_map')
-    evaluate = functools.partial(_eval_body, model=eval_model)
-    if backend == 'shard_map':
-      spec = self._state_spec()
-      self.train_step = jax.jit(jax.shard_map(train, mesh=mesh, in_specs=(spec, P(AXIS)), out_specs=(spec, P()),
-                                              check_vma=False), donate_argnums=0)
-      self._eval = jax.jit(jax.shard_map(evaluate, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
-                                         check_vma=False))
-      self._sync = jax.jit(jax.shard_map(lambda bs: lax.pmean(bs, AXIS), mesh=mesh, in_specs=P(AXIS),
-                                         out_specs=P(AXIS), check_vma=False))
-      # After a sync every device holds the same stats: each one's copy is the replicated value.
-      self._unstack = jax.jit(jax.shard_map(lambda bs: jax.tree.map(lambda x: x[0], bs), mesh=mesh,
-                                            in_specs=P(AXIS), out_specs=P(), check_vma=False))
-    else:
-      self.train_step = jax.pmap(train, axis_name=AXIS, donate_argnums=0, devices=self._pmap_devices())
-      self._eval = jax.pmap(evaluate, axis_name=AXIS, devices=self._pmap_devices())
-      self._sync = jax.pmap(lambda bs: lax.pmean(bs, AXIS), axis_name=AXIS, devices=self._pmap_devices())
+    self._train = functools.partial(_train_body, model=model, tx=tx, local_bn=self.local_bn and self.stacks_bn)
+    self._evaluate = functools.partial(_eval_body, model=eval_model)
 
-  def _pmap_devices(self):
-    """None (pmap's default: every device) unless the mesh is a single-process subset of them."""
-    return None if self.num_devices == jax.device_count() else list(self.mesh.devices.flat)
+  stacks_bn = True  # Whether local-BN stats carry an explicit device axis inside the body.
 
-  def _state_spec(self):
-    return TrainState(step=P(), params=P(), batch_stats=P(AXIS) if self.local_bn else P(), opt_state=P(), rng=P())
-
-  # --- layouts -------------------------------------------------------------------------------------------
-  def to_device(self, state: TrainState) -> TrainState:
-    """Canonical (replicated) state -> this backend's layout."""
-    if self.backend == 'pmap':
-      n = len(self.local_devices)
-      sharding = NamedSharding(jax.sharding.Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
-      return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(_host(x), (n,) + x.shape), sharding), state)
-    if self.local_bn:
-      stacked = jax.jit(lambda bs: jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_devices,) + x.shape), bs),
-                        out_shardings=NamedSharding(self.mesh, P(AXIS)))
-      return state.replace(batch_stats=stacked(state.batch_stats))
-    return state
-
-  def to_canonical(self, state: TrainState) -> TrainState:
-    """This backend's layout -> canonical; call after `sync_batch_stats` in local mode."""
-    rep = replicated(self.mesh)
-    if self.backend == 'pmap':
-      return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rep, _host(x)[0]), state)
-    if self.local_bn:
-      return state.replace(batch_stats=self._unstack(state.batch_stats))
-    return state
+  def place(self, local_batch):
+    """This process's rows of a global batch (host numpy) -> device arrays in the steps' layout."""
+    raise NotImplementedError
 
   def sync_batch_stats(self, state: TrainState) -> TrainState:
     """Local BN mode: every device gets the cross-device mean of `batch_stats`. No-op in global mode."""
@@ -147,23 +97,92 @@ class Stepper:
       return state
     return state.replace(batch_stats=self._sync(state.batch_stats))
 
-  def eval_state(self, state: TrainState) -> TrainState:
-    """The layout `eval_step` takes, from a train-layout state after `sync_batch_stats`."""
-    return self.to_canonical(state) if self.backend == 'shard_map' else state
-
   def eval_step(self, eval_state: TrainState, batch):
     """Host values of the sums over this eval batch (see `_eval_body`)."""
     return self.metrics(self._eval(eval_state, batch))
 
   def metrics(self, metrics):
-    """Host (numpy) values of metrics as returned by `train_step` or `_eval`; blocks until they are ready.
-
-    pmap returns one copy per device: read the first from its buffer (indexing the device array would
-    dispatch a computation per metric, ~6 ms per step).
-    """
-    if self.backend == 'pmap':
-      return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), metrics)
+    """Host (numpy) values of metrics as returned by `train_step` or `eval_step`; blocks until ready."""
     return jax.device_get(metrics)
+
+
+class ShardMapStepper(Stepper):
+  """`jax.shard_map` over the mesh: global `jax.Array` batches, one jit per step."""
+
+  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global'):
+    super().__init__(mesh, model, eval_model, tx, bn_mode)
+    spec = TrainState(step=P(), params=P(), batch_stats=P(AXIS) if self.local_bn else P(), opt_state=P(),
+                      rng=P())
+    smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+    self.train_step = jax.jit(smap(self._train, in_specs=(spec, P(AXIS)), out_specs=(spec, P())),
+                              donate_argnums=0)
+    self._eval = jax.jit(smap(self._evaluate, in_specs=(P(), P(AXIS)), out_specs=P()))
+    self._sync = jax.jit(smap(lambda bs: lax.pmean(bs, AXIS), in_specs=P(AXIS), out_specs=P(AXIS)))
+    # After a sync every device holds the same stats: each one's copy is the replicated value.
+    self._unstack = jax.jit(smap(lambda bs: jax.tree.map(lambda x: x[0], bs), in_specs=P(AXIS), out_specs=P()))
+
+  def place(self, local_batch):
+    return mesh_lib.to_global(self.mesh, local_batch)
+
+  def to_device(self, state: TrainState) -> TrainState:
+    """Canonical (replicated) state -> this backend's layout."""
+    if not self.local_bn:
+      return state
+    stacked = jax.jit(lambda bs: jax.tree.map(lambda x: jnp.broadcast_to(x, (self.num_devices,) + x.shape), bs),
+                      out_shardings=NamedSharding(self.mesh, P(AXIS)))
+    return state.replace(batch_stats=stacked(state.batch_stats))
+
+  def to_canonical(self, state: TrainState) -> TrainState:
+    """This backend's layout -> canonical; call after `sync_batch_stats` in local mode."""
+    if not self.local_bn:
+      return state
+    return state.replace(batch_stats=self._unstack(state.batch_stats))
+
+  def eval_state(self, state: TrainState) -> TrainState:
+    """The layout `eval_step` takes, from a train-layout state after `sync_batch_stats`."""
+    return self.to_canonical(state)
+
+
+class PmapStepper(Stepper):
+  """`jax.pmap`: a leading local-device axis on every batch and state leaf."""
+  stacks_bn = False  # pmap keeps one copy per device already.
+
+  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global'):
+    super().__init__(mesh, model, eval_model, tx, bn_mode)
+    devices = None if self.num_devices == jax.device_count() else list(mesh.devices.flat)
+    pmap = functools.partial(jax.pmap, axis_name=AXIS, devices=devices)
+    self.train_step = pmap(self._train, donate_argnums=0)
+    self._eval = pmap(self._evaluate)
+    self._sync = pmap(lambda bs: lax.pmean(bs, AXIS))
+    self._local = NamedSharding(jax.sharding.Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
+
+  def place(self, local_batch):
+    n = len(self.local_devices)
+    return jax.tree.map(lambda x: jax.device_put(x.reshape((n, -1) + x.shape[1:]), self._local), local_batch)
+
+  def to_device(self, state: TrainState) -> TrainState:
+    n = len(self.local_devices)
+    return jax.tree.map(lambda x: jax.device_put(np.broadcast_to(_host(x), (n,) + x.shape), self._local), state)
+
+  def to_canonical(self, state: TrainState) -> TrainState:
+    rep = replicated(self.mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rep, _host(x)[0]), state)
+
+  def eval_state(self, state: TrainState) -> TrainState:
+    return state
+
+  def metrics(self, metrics):
+    """pmap returns one copy per device: read the first from its buffer (indexing the device array would
+    dispatch a computation per metric, ~6 ms per step)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), metrics)
+
+
+# parallel_backend -> Stepper class.
+BACKENDS: Dict[str, Callable[..., Stepper]] = {'shard_map': ShardMapStepper, 'pmap': PmapStepper}
+
+
+def make_stepper(config, mesh, model, eval_model, tx) -> Stepper:
+  return BACKENDS[config.parallel_backend](mesh, model, eval_model, tx, config.bn_mode)
 
 
 def _host(x) -> np.ndarray:

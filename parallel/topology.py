@@ -12,7 +12,7 @@ from typing import Optional
 
 from absl import logging
 
-from errors import UserError
+from errors import UserError, first_line
 
 PLATFORMS = ('auto', 'cpu', 'gpu', 'tpu')
 
@@ -102,9 +102,8 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: Op
                                  heartbeat_timeout_seconds=heartbeat_timeout_s,
                                  coordinator_bind_address=bind_address or coordinator_address)
     except Exception as e:  # XlaRuntimeError / DEADLINE_EXCEEDED: the peers never showed up.
-      first = str(e).strip().splitlines()[0][:200] if str(e).strip() else e.__class__.__name__
       raise UserError(f'could not join the {num_processes}-process job at {coordinator_address} within '
-                      f'{timeout_s}s ({first}): start every process with the same --coordinator_address '
+                      f'{timeout_s}s ({first_line(e)}): start every process with the same --coordinator_address '
                       f'(reachable from all hosts, process 0 listens there) and check the firewall') from None
   elif num_processes not in (None, 1) or process_id not in (None, 0):
     raise UserError('--num_processes/--process_id need --coordinator_address=HOST:PORT (process 0 listens there)')

@@ -9,9 +9,8 @@ from configs import tiny
 from errors import UserError
 from input_pipeline import order, pipeline, sources
 from parallel import mesh as mesh_lib
-from parallel.steps import Stepper
+from trainer import job as job_lib
 from trainer import loop
-from trainer import state as state_lib
 
 N, B, SHAPE = 100, 16, (4, 4, 1)  # 6 full batches per epoch; 4 examples are dropped each epoch.
 SPE = N // B
@@ -79,7 +78,7 @@ def test_same_global_batches_for_any_device_count(train_arrays, full_stream, num
   for got, ref in zip(batches, full_stream):
     np.testing.assert_array_equal(got['image'], ref['image'])
   # On the devices: device i of the mesh holds rows [i*B/k, (i+1)*B/k) of the global batch.
-  placed = mesh_lib.to_global(mesh, batches[1], B)
+  placed = mesh_lib.to_global(mesh, batches[1])
   assert placed['image'].shape == (B,) + SHAPE
   np.testing.assert_array_equal(np.asarray(placed['label']), batches[1]['label'])
   per_device = B // num_devices
@@ -207,21 +206,21 @@ def _eval_config(model, eval_batch, backend):
   c = tiny.get_config()
   c.model = model
   c.eval_batch_size = eval_batch
+  c.batch_size = 8
   c.parallel_backend = backend
   return c
 
 
+def _job(backend, eval_batch, data):
+  return job_lib.build(_eval_config('mlp', eval_batch, backend), mesh=mesh_lib.make_mesh(), data=data)
+
+
 @pytest.fixture(scope='module')
 def eval_setup():
-  """(mesh, config, model, eval_model, canonical state, {backend: Stepper}) for the MLP on 8 devices."""
-  mesh = mesh_lib.make_mesh()
-  assert mesh.devices.size == 8, 'conftest should give 8 simulated CPU devices'
-  config = _eval_config('mlp', 16, 'shard_map')
-  model, eval_model = state_lib.make_models(config, 10)
-  tx = state_lib.make_optimizer(config, 10)
-  state = state_lib.initial_state(mesh, model, tx, EVAL_SHAPE, config.seed)
-  steppers = {b: Stepper(mesh, model, eval_model, tx, b, config.bn_mode) for b in ('shard_map', 'pmap')}
-  return mesh, model, eval_model, state, steppers
+  """(eval model, canonical initial state) of the MLP on 8 devices, shared by the eval tests."""
+  job = _job('shard_map', 16, _test_data(1))
+  assert job.mesh.devices.size == 8, 'conftest should give 8 simulated CPU devices'
+  return job.eval_model, job.initial_state()
 
 
 def _test_data(size, seed=1):
@@ -229,8 +228,8 @@ def _test_data(size, seed=1):
   images = rng.integers(0, 256, (size,) + EVAL_SHAPE).astype(np.uint8)
   labels = rng.integers(0, 10, size).astype(np.int32)
   # The train split only gives the image shape; evaluation must not read it.
-  return sources.InMemoryDataset(train_images=np.zeros((2,) + EVAL_SHAPE, np.uint8),
-                                 train_labels=np.zeros(2, np.int32), test_images=images, test_labels=labels,
+  return sources.InMemoryDataset(train_images=np.zeros((8,) + EVAL_SHAPE, np.uint8),
+                                 train_labels=np.zeros(8, np.int32), test_images=images, test_labels=labels,
                                  num_classes=10, source='test')
 
 
@@ -251,11 +250,10 @@ def _reference(eval_model, state, data):
 @pytest.mark.parametrize('eval_batch', [16, 8])
 @pytest.mark.parametrize('size', [1, 7, 999])
 def test_exact_eval(eval_setup, backend, eval_batch, size):
-  mesh, _, eval_model, state, steppers = eval_setup
-  stepper = steppers[backend]
-  config = _eval_config('mlp', eval_batch, backend)
+  eval_model, state = eval_setup
   data = _test_data(size)
-  result = loop.evaluate(stepper, stepper.to_device(state), data, config, mesh)
+  job = _job(backend, eval_batch, data)
+  result = loop.evaluate(job, job.stepper.to_device(state))
   loss, accuracy = _reference(eval_model, state, data)
   assert result['test_examples'] == size
   assert result['test_loss'] == pytest.approx(loss, abs=1e-5)
@@ -264,7 +262,7 @@ def test_exact_eval(eval_setup, backend, eval_batch, size):
 
 def test_exact_eval_reference_is_sensitive(eval_setup):
   """The reference tells test sets apart (so matching it means something)."""
-  _, _, eval_model, state, _ = eval_setup
+  eval_model, state = eval_setup
   a, b = _reference(eval_model, state, _test_data(999, seed=1)), _reference(eval_model, state, _test_data(998, 1))
   assert abs(a[0] - b[0]) > 1e-6 or abs(a[1] - b[1]) > 1e-6
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from configs import default
+from input_pipeline import sources
 from parallel import mesh as mesh_lib
-from parallel.steps import Stepper
-from trainer import state as state_lib
+from trainer import job as job_lib
 
 K_STEPS = 5
 GLOBAL_BATCH = 32
@@ -29,25 +29,29 @@ def _batches(k=K_STEPS, batch=GLOBAL_BATCH, seed=0):
            'label': rng.integers(0, 10, batch).astype(np.int32)} for _ in range(k)]
 
 
-def _place(stepper, mesh, batch):
+def _data(batch=GLOBAL_BATCH):
+  """Shapes only: the steps below feed their own batches, build() just needs the dataset's metadata."""
+  images = np.zeros((batch, 28, 28, 1), np.uint8)
+  labels = np.zeros((batch,), np.int32)
+  return sources.InMemoryDataset(images, labels, images[:8], labels[:8], num_classes=10, source='test')
+
+
+def _local_rows(mesh, batch):
   lo, hi = mesh_lib.process_rows(mesh, len(batch['label']))
-  local = {k: v[lo:hi] for k, v in batch.items()}
-  if stepper.backend == 'pmap':
-    return mesh_lib.to_pmap_layout(mesh, local)
-  return mesh_lib.to_global(mesh, local, len(batch['label']))
+  return {k: v[lo:hi] for k, v in batch.items()}
 
 
 def _train(num_devices, backend='shard_map', bn_mode='global', dtype='float32', batches=None, return_raw=False):
-  """K steps of the real CNN; returns the canonical state as flat numpy (and the losses)."""
-  config = _config(parallel_backend=backend, bn_mode=bn_mode, dtype=dtype)
-  mesh = mesh_lib.make_mesh(num_devices)
-  model, eval_model = state_lib.make_models(config, 10)
-  tx = state_lib.make_optimizer(config, 100)
-  stepper = Stepper(mesh, model, eval_model, tx, backend, bn_mode)
-  state = stepper.to_device(state_lib.initial_state(mesh, model, tx, (28, 28, 1), seed=0))
+  """K steps of the real CNN, built by the trainer's own job builder; returns the canonical state as flat
+  numpy (and the losses)."""
+  config = _config(parallel_backend=backend, bn_mode=bn_mode, dtype=dtype, batch_size=GLOBAL_BATCH,
+                   eval_batch_size=8 * num_devices, num_train_steps=100)
+  job = job_lib.build(config, mesh=mesh_lib.make_mesh(num_devices), data=_data())
+  stepper = job.stepper
+  state = stepper.to_device(job.initial_state())
   losses = []
   for batch in batches or _batches():
-    state, metrics = stepper.train_step(state, _place(stepper, mesh, batch))
+    state, metrics = stepper.train_step(state, stepper.place(_local_rows(job.mesh, batch)))
     losses.append(float(stepper.metrics(metrics)['loss_sum']))
   if return_raw:
     return stepper, state

@@ -1,5 +1,5 @@
-"""Command-line hygiene for train.py: absl / ml_collections parse errors and unusable workdirs become one
-`UserError` line (train.py prints it and exits 2) instead of a traceback."""
+"""Command-line hygiene for train.py: absl / ml_collections parse errors become one `UserError` line
+(train.py prints it and exits 2) instead of a traceback."""
 
 import os
 import re
@@ -7,7 +7,7 @@ import re
 import ml_collections
 from absl import flags
 
-from errors import UserError
+from errors import UserError, first_line
 
 
 def parse_flags(flag_values, argv):
@@ -32,14 +32,14 @@ def parse_flags(flag_values, argv):
   except (AttributeError, KeyError) as e:
     unknown = _unknown_override(argv, str(e))
     if not unknown:
-      raise UserError(f'{path} failed to load ({e.__class__.__name__}: {_first_line(e)}): fix the config file, '
+      raise UserError(f'{path} failed to load ({e.__class__.__name__}: {first_line(e)}): fix the config file, '
                       'it must define get_config()') from None
     match = re.search(r'Did you mean "([^"]+)"', str(e))
     hint = f'did you mean --config.{match.group(1)}? ' if match else ''
     raise UserError(f'--config.{unknown}: that config key does not exist: {hint}the keys are listed in '
                     'configs/default.py') from None
   except Exception as e:  # The config file raised while running (an import, get_config()).
-    raise UserError(f'{path} failed to load ({e.__class__.__name__}: {_first_line(e)}): fix the config file') \
+    raise UserError(f'{path} failed to load ({e.__class__.__name__}: {first_line(e)}): fix the config file') \
         from None
   if path and not isinstance(flag_values.config, ml_collections.ConfigDict):
     raise UserError(f'{path}: get_config() returned {type(flag_values.config).__name__}, not a ConfigDict: fix the '
@@ -65,19 +65,3 @@ def _unknown_override(argv, message: str) -> str:
       if f': {key}' in message or any(re.search(rf'\b{re.escape(part)}\b', message) for part in key.split('.')):
         return key
   return ''
-
-
-def _first_line(e: Exception) -> str:
-  return str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
-
-
-def check_workdir(workdir: str) -> None:
-  """Fails early (creating nothing) when `workdir` cannot become a writable directory."""
-  path = os.path.abspath(workdir)
-  while not os.path.exists(path):
-    path = os.path.dirname(path)
-  if not os.path.isdir(path):
-    raise UserError(f'--workdir={workdir} is not usable: {path} is a file, not a directory: choose another --workdir')
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise UserError(f'--workdir={workdir} is not writable ({path} denies write access): choose a directory you '
-                    'can write to')

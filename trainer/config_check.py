@@ -2,22 +2,23 @@
 
 import math
 
-from errors import UserError
+from errors import UserError, setting
 from input_pipeline.sources import SOURCES
-from models import MODELS
+from models import DTYPES, MODELS
 from parallel.steps import BACKENDS, BN_MODES
-from trainer.state import DTYPES, OPTIMIZERS, SCHEDULES
+from trainer.optim import OPTIMIZERS, SCHEDULES
 
+# Config field -> the registry whose keys are its allowed values (the registries are the only truth).
 _CHOICES = {
-    'data_source': SOURCES, 'model': tuple(MODELS), 'optimizer': OPTIMIZERS, 'lr_schedule': SCHEDULES,
-    'parallel_backend': BACKENDS, 'bn_mode': BN_MODES, 'dtype': tuple(DTYPES),
+    'data_source': SOURCES, 'model': MODELS, 'optimizer': OPTIMIZERS, 'lr_schedule': SCHEDULES,
+    'parallel_backend': BACKENDS, 'bn_mode': BN_MODES, 'dtype': DTYPES,
 }
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'checkpoint_every_steps',
                   'keep_checkpoints', 'max_steps_in_flight', 'prefetch_batches')
 
 
 def _fail(key, value, rule):
-  raise UserError(f'--config.{key}={value!r} is invalid: {rule}')
+  raise UserError(f'{setting(key)}={value!r} is invalid: {rule}')
 
 
 def validate(config) -> None:
