@@ -41,5 +41,8 @@ def validate(config) -> None:
     _fail('weight_decay', config.weight_decay, 'must be a finite number >= 0')
   if config.warmup_steps < 0:
     _fail('warmup_steps', config.warmup_steps, 'must be >= 0')
+  seed = config.seed
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+    _fail('seed', seed, 'must be a whole number in [0, 2**31)')
   if not config.dataset or not isinstance(config.dataset, str):
     _fail('dataset', config.dataset, 'name a dataset, e.g. fashion_mnist')
