@@ -23,12 +23,17 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from errors import UserError, first_line
+from trainer import workdir as workdir_lib
 
 CHECKSUM_KEY = 'state_sha256'
 
 
 class SaveFailed(UserError):
   """A checkpoint could not be written: the run stops rather than train on a state it cannot keep."""
+
+
+class ChecksumMismatch(ValueError):
+  """A checkpoint's bytes differ from what was saved (bit rot, a damaged copy): set aside like an unreadable one."""
 
 
 class NotFinite(UserError):
@@ -70,22 +75,6 @@ def _describe_mismatch(saved: dict, current: dict) -> str:
   return 'a different structure'
 
 
-def check_directory(directory: str) -> None:
-  """Fails at start-up (not at the first save) when `directory` cannot hold checkpoints."""
-  fix = 'remove or rename it, or choose another --workdir'
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise UserError(f'{directory} is a file, but checkpoints need a directory there: {fix}')
-  probe = os.path.join(directory, f'.write_test_{jax.process_index()}')
-  try:
-    os.makedirs(directory, exist_ok=True)
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f'cannot write checkpoints to {directory} ({e.strerror or e.__class__.__name__}): make it '
-                    f'writable, free disk space, or choose another --workdir') from None
-
-
 class Checkpoints:
   """Saves and restores canonical (replicated) train states; every process must call every method."""
 
@@ -94,7 +83,7 @@ class Checkpoints:
     self.fingerprint = fp
     self.save_seconds = 0.0  # Host time spent in save() (checksum + starting the async write).
     self._pending: Optional[int] = None  # A step whose async save was started but not yet confirmed.
-    check_directory(self.directory)
+    workdir_lib.check_checkpoint_dir(self.directory, create=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
@@ -183,7 +172,7 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         state = restored['state']
         if saved_sum is not None and checksum(state) != saved_sum:
-          raise ValueError('checksum mismatch: its bytes changed after it was saved')
+          raise ChecksumMismatch(f'its SHA-256 differs from the one recorded at save time ({saved_sum[:12]}...)')
       except Exception as e:
         self._set_aside(step, e)
         continue

@@ -126,13 +126,23 @@ class _LibraryInfoFilter(logging_std.Filter):
 _FILTER = _LibraryInfoFilter()
 
 
-def _excepthook(kind, value, tb):
-  """After a failed save, tensorstore's C++ callbacks print (PyErr_Print -> sys.excepthook) one 'Event loop is
-  closed' traceback per pending write: the save was already reported as one line, so these only go to the log."""
+def _late_callback(kind, value) -> bool:
+  """After a failed save, tensorstore's C++ callbacks report (PyErr_Print / PyErr_WriteUnraisable) one 'Event
+  loop is closed' traceback per pending write: the save is reported as one line, so these only go to the log."""
   if kind is RuntimeError and 'Event loop is closed' in str(value):
     logging.debug('Late tensorstore callback after a failed save: %s', value)
-    return
-  sys.__excepthook__(kind, value, tb)
+    return True
+  return False
+
+
+def _excepthook(kind, value, tb):
+  if not _late_callback(kind, value):
+    sys.__excepthook__(kind, value, tb)
+
+
+def _unraisablehook(unraisable):
+  if not _late_callback(unraisable.exc_type, unraisable.exc_value):
+    sys.__unraisablehook__(unraisable)
 
 
 def quiet_library_logs(keep_tracebacks: Optional[bool] = None) -> None:
@@ -141,7 +151,7 @@ def quiet_library_logs(keep_tracebacks: Optional[bool] = None) -> None:
   if keep_tracebacks is not None:
     _FILTER.keep_tracebacks = keep_tracebacks
     if not keep_tracebacks and sys.excepthook is sys.__excepthook__:
-      sys.excepthook = _excepthook
+      sys.excepthook, sys.unraisablehook = _excepthook, _unraisablehook
   for target in [logging_std.getLogger()] + logging_std.getLogger().handlers:
     if _FILTER not in target.filters:
       target.addFilter(_FILTER)

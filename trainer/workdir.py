@@ -29,6 +29,29 @@ def check(workdir: str) -> None:
   if not os.access(path, os.W_OK | os.X_OK):
     raise UserError(f'--workdir={workdir} is not writable ({path} denies write access): choose a directory you '
                     'can write to')
+  check_checkpoint_dir(os.path.join(os.path.abspath(workdir), 'checkpoints'))
+
+
+def check_checkpoint_dir(directory: str, create: bool = False) -> None:
+  """Fails at start-up (not at the first save) when `directory` cannot hold checkpoints; with `create`, makes
+  it and proves it writable with a probe file (root ignores permission bits, so the probe is the real test)."""
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise UserError(f'{directory} is a file, but checkpoints need a directory there: remove or rename it, or choose '
+                    'another --workdir')
+  if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
+    raise UserError(f'cannot write checkpoints to {directory} (it denies write access): make it writable, or '
+                    'choose another --workdir')
+  if not create:
+    return
+  probe = os.path.join(directory, f'.write_test_{os.getpid()}')
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f'cannot write checkpoints to {directory} ({e.strerror or e.__class__.__name__}): make it '
+                    'writable, free disk space, or choose another --workdir') from None
 
 
 def prepare(workdir: str) -> None:
