@@ -91,13 +91,19 @@ def lock(workdir: str) -> None:
       f.write(f'pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n')
       f.flush()
       _lock_file = f
-  if jax.process_count() > 1:
-    import numpy as np
-    from jax.experimental import multihost_utils
-    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
-  if not ok:
+  if not _process_0_says(ok):
     raise UserError(f'--workdir={workdir} is in use by another run ({holder or "its process 0 holds the lock"}): '
                     'wait for it to finish or stop it, or choose another --workdir')
+
+
+def _process_0_says(ok: bool) -> bool:
+  """Process 0's verdict, on every process: all stop together (none waits for a peer that left)."""
+  import jax
+  if jax.process_count() == 1:
+    return ok
+  import numpy as np
+  from jax.experimental import multihost_utils
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
 
 
 def _read_config(path: str):
@@ -122,17 +128,19 @@ def record_config(workdir: str, config, resume_step) -> None:
   import jax
   path = os.path.join(workdir, 'config.json')
   current = json.loads(config.to_json_best_effort(sort_keys=True))
-  saved = _read_config(path) if resume_step is not None else None
+  is_main = jax.process_index() == 0
+  saved = _read_config(path) if resume_step is not None and is_main else None  # Process 0 decides for all.
+  refusal = ''
   if saved is not None:
     changed = {k: (saved.get(k, _MISSING), current.get(k, _MISSING))
                for k in sorted(set(saved) | set(current)) if saved.get(k, _MISSING) != current.get(k, _MISSING)}
     frozen = [k for k in FROZEN if k in changed and _MISSING not in changed[k]]
     if frozen:
       what = ', '.join(f'{setting(k)} {changed[k][0]!r} -> {changed[k][1]!r}' for k in frozen)
-      raise UserError(f'--workdir={workdir} holds a run with another config: {what}. These change the data stream '
-                      f'or the model, so its checkpoints cannot continue this run: rerun with the values in {path}, '
-                      'or use a new --workdir')
-    if changed and jax.process_index() == 0:
+      refusal = (f'--workdir={workdir} holds a run with another config: {what}. These change the data stream '
+                 f'or the model, so its checkpoints cannot continue this run: rerun with the values in {path}, '
+                 'or use a new --workdir')
+    elif changed:
       entry = {'time': round(datetime.datetime.now().timestamp(), 3), 'step': resume_step,
                'changes': {k: {'from': a, 'to': b} for k, (a, b) in changed.items()}}
       try:
@@ -143,7 +151,9 @@ def record_config(workdir: str, config, resume_step) -> None:
                         'writable') from None
       logging.info('Config changed on resume at step %d: %s (recorded in %s)', resume_step,
                    ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items()), HISTORY)
-  if jax.process_index() == 0:
+  if resume_step is not None and not _process_0_says(not refusal):
+    raise UserError(refusal or f'process 0 refused to resume in --workdir={workdir} with this config (see its error)')
+  if is_main:
     try:
       with open(path, 'w') as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
