@@ -136,6 +136,11 @@ class Preprocess:
                normalize=config.normalize, mean=tuple(config.mean), std=tuple(config.std))
 
   @property
+  def per_pixel_only(self) -> bool:
+    """No decoding, resizing or randomness: the same ops apply to a whole batch of arrays at once."""
+    return self.name == 'none' and self._resize is None
+
+  @property
   def output_shape(self) -> Tuple[int, int, int]:
     return self.size + (self.channels,)
 

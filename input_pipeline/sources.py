@@ -70,6 +70,7 @@ class InMemoryDataset(Source):
   test_labels: np.ndarray
   num_classes: int
   source: str               # human-readable: where the data came from
+  reads_batches = True      # `reader` also takes a vector of indices
 
   @property
   def description(self) -> str:
