@@ -42,14 +42,14 @@ class Job:
     ds = pipeline.train_dataset(self.data.train_images, self.data.train_labels, seed=c.seed, global_batch=c.batch_size,
                                 rows=mesh_lib.process_rows(self.mesh, c.batch_size), start_step=start_step,
                                 num_steps=self.total_steps if num_steps is None else num_steps)
-    return device_feed.Prefetcher(pipeline.as_numpy(ds), self.stepper.place, c.prefetch_batches)
+    return device_feed.from_dataset(ds, self.stepper.place, c.prefetch_batches)
 
   def eval_feed(self) -> device_feed.Prefetcher:
     """Placed eval batches: every test example once, the last batch padded and masked."""
     c = self.config
     ds = pipeline.eval_dataset(self.data.test_images, self.data.test_labels, eval_batch=c.eval_batch_size,
                                rows=mesh_lib.process_rows(self.mesh, c.eval_batch_size))
-    return device_feed.Prefetcher(pipeline.as_numpy(ds), self.stepper.place, c.prefetch_batches)
+    return device_feed.from_dataset(ds, self.stepper.place, c.prefetch_batches)
 
 
 def build(config, *, mesh=None, data: Optional[sources.InMemoryDataset] = None) -> Job:
