@@ -44,8 +44,9 @@ def _scan(split_dir: str, classes=None) -> Tuple[List[str], List[str], np.ndarra
   paths, labels = [], []
   for name in found:
     if name not in label_of:
+      more = '...' if len(classes) > 10 else ''
       raise UserError(f'{os.path.join(split_dir, name)} is a class that the train folder does not have: '
-                      f'rename or remove it (train classes: {", ".join(classes[:10])}{"..." if len(classes) > 10 else ""})')
+                      f'rename or remove it (train classes: {", ".join(classes[:10])}{more})')
     class_dir = os.path.join(split_dir, name)
     files = _listdir(class_dir)
     if not files:

@@ -54,7 +54,7 @@ def train_dataset(source, prep: augment.Preprocess, *, seed: int, global_batch: 
   ds = ds.flat_map(tf.data.Dataset.from_tensor_slices).skip(start_step - first_epoch * spe)
   ds = tf.data.Dataset.zip(ds, tf.data.Dataset.range(start_step, max(num_steps, start_step)))
   read = source.reader('train')
-  if _whole_batches(source, prep):
+  if whole_batches(source, prep):
     ds = ds.map(lambda idx, step: _batch(prep, read(tf.cast(idx, tf.int64))), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
   ds = ds.flat_map(lambda idx, step: tf.data.Dataset.from_tensor_slices((idx, tf.fill([hi - lo], step))))
@@ -67,7 +67,7 @@ def train_dataset(source, prep: augment.Preprocess, *, seed: int, global_batch: 
   return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
 
 
-def _whole_batches(source, prep) -> bool:
+def whole_batches(source, prep) -> bool:
   """In-memory arrays without per-example randomness or resizing: one gather + scale per batch (~50x faster
   than per-example map; the same values)."""
   return getattr(source, 'reads_batches', False) and prep.per_pixel_only
@@ -84,7 +84,7 @@ def eval_dataset(source, prep: augment.Preprocess, *, eval_batch: int, rows: Tup
   idx, mask = order.eval_batches(source.num_examples('eval'), eval_batch)
   lo, hi = rows
   read = source.reader('eval')
-  if _whole_batches(source, prep):
+  if whole_batches(source, prep):
     ds = tf.data.Dataset.from_tensor_slices((idx[:, lo:hi], mask[:, lo:hi].astype(np.float32)))
     ds = ds.map(lambda i, m: _batch(prep, read(tf.cast(i, tf.int64)), mask=m), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))

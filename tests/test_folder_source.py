@@ -180,6 +180,6 @@ def test_train_py_on_a_folder(tmp_path):
   # A file that breaks during training: one error line naming it and the step, exit 2, checkpoints kept.
   _truncate_body(os.path.join(root, 'train', 'class_02', '00007.jpg'))
   r = harness.run_train(str(tmp_path / 'w2'), *args)
-  lines = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+  lines = [x for x in r.stderr.splitlines() if x.startswith('error:')]
   assert r.returncode == 2 and len(lines) == 1 and '00007.jpg' in lines[0] and 'training step' in lines[0], r.stderr
   assert 'Traceback' not in r.stderr

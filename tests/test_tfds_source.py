@@ -69,9 +69,9 @@ def test_real_download_and_prepare_then_random_access(tmp_path):
   # Every record read by index holds one of the written images with its label (TFDS shuffles on write).
   prep = augment.Preprocess('none', 0, channels=3, native_shape=src.image_shape)
   batches = list(pipeline.as_numpy(pipeline.eval_dataset(src, prep, eval_batch=8, rows=(0, 8))))
-  got = sorted((int(l), tuple((img * 255).round().astype(np.uint8).ravel()))
-               for b in batches for img, l, m in zip(b['image'], b['label'], b['mask']) if m)
-  want = sorted((l, tuple(img.ravel())) for l, img in written['validation'])
+  got = sorted((int(y), tuple((img * 255).round().astype(np.uint8).ravel()))
+               for b in batches for img, y, m in zip(b['image'], b['label'], b['mask']) if m)
+  want = sorted((y, tuple(img.ravel())) for y, img in written['validation'])
   assert got == want
   assert src.name_of('train', 2).startswith('record 2 of the train split') and '.tfrecord' in src.name_of('train', 2)
   assert sources.load(_config(data_dir=str(tmp_path / 'tfds'), eval_split='test')).num_examples('eval') == 4

@@ -11,7 +11,8 @@ from trainer.optim import OPTIMIZERS, SCHEDULES
 
 # Config field -> the registry whose keys are its allowed values (the registries are the only truth).
 _CHOICES = {
-    'data_source': SOURCES, 'augment': AUGMENTATIONS, 'model': MODELS, 'optimizer': OPTIMIZERS, 'lr_schedule': SCHEDULES,
+    'data_source': SOURCES, 'augment': AUGMENTATIONS, 'model': MODELS, 'optimizer': OPTIMIZERS,
+    'lr_schedule': SCHEDULES,
     'parallel_backend': BACKENDS, 'bn_mode': BN_MODES, 'dtype': DTYPES,
 }
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'checkpoint_every_steps',

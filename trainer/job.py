@@ -53,8 +53,7 @@ class Job:
       return pipeline.bad_data_error(self.data, self.prep, 'train', indices, error, f'at training step {step + 1}',
                                      seed=c.seed, step=step)
 
-    batches = pipeline.checked(pipeline.as_numpy(ds), explain)
-    return device_feed.Prefetcher(batches, self.stepper.place, c.prefetch_batches)
+    return self._feed(ds, explain)
 
   def eval_feed(self) -> device_feed.Prefetcher:
     """Placed eval batches: every eval example once, the last batch padded and masked."""
@@ -67,8 +66,16 @@ class Job:
       return pipeline.bad_data_error(self.data, self.prep, 'eval', idx[k, rows[0]:rows[1]], error,
                                      f'during evaluation (eval batch {k + 1})')
 
-    batches = pipeline.checked(pipeline.as_numpy(ds), explain)
-    return device_feed.Prefetcher(batches, self.stepper.place, c.prefetch_batches)
+    return self._feed(ds, explain)
+
+
+  def _feed(self, ds, explain) -> device_feed.Prefetcher:
+    """In-memory arrays (nothing to decode) go several steps per tf.data element; decoded sources one batch
+    per element, so that a failing file is found in the batch whose step the error names."""
+    depth = self.config.prefetch_batches
+    if pipeline.whole_batches(self.data, self.prep):
+      return device_feed.from_dataset(ds, self.stepper.place, depth)
+    return device_feed.Prefetcher(pipeline.checked(pipeline.as_numpy(ds), explain), self.stepper.place, depth)
 
 
 def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
