@@ -2,6 +2,7 @@
 (our own small builder) read back by random access from the TFRecord files it writes."""
 
 import os
+import subprocess
 
 import ml_collections
 import numpy as np
@@ -106,3 +107,18 @@ def test_mock_tfds_through_the_trainer_on_8_devices(tmp_path, dataset, extra):
     result = loop.train_and_evaluate(c, str(tmp_path / 'w'))
   assert result['test_examples'] == 50 and result['step'] == 3  # 50 // 16 steps, every eval example once
   assert np.isfinite(result['test_loss'])
+
+
+@pytest.mark.slow
+def test_download_offline_fails_with_a_network_line(tmp_path):
+  """The real download path (no mock): offline it must end in our network line, within seconds, never in
+  `ModuleNotFoundError` (tensorflow-datasets 4.9.10 imports the undeclared `importlib_resources` there)."""
+  from tests import harness
+  env = dict(harness._env(), HTTPS_PROXY='http://127.0.0.1:9', HTTP_PROXY='http://127.0.0.1:9')  # Closed port.
+  cmd = harness.train_cmd(str(tmp_path / 'w'), '--config.dataset=mnist', '--config.data_source=tfds',
+                          '--config.download=True', f'--config.data_dir={tmp_path / "tfds"}')
+  proc = subprocess.run(cmd, cwd=harness.ROOT, env=env, capture_output=True, text=True, timeout=180)
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert errors[0].startswith("error: could not download TFDS dataset 'mnist'") and 'check the network' in errors[0]
+  assert 'ModuleNotFoundError' not in proc.stderr and 'Traceback' not in proc.stderr
