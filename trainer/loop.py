@@ -217,8 +217,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   latest checkpoint; returns the final eval metrics."""
   reporting.quiet_library_logs()
   job = job_lib.build(config)
-  if len(job.data.test_images) == 0:  # Here, not after all the training, at the first eval.
-    raise UserError(f'the test split of {job.data.source} is empty: evaluation needs test examples; point '
+  if job.data.num_examples('eval') == 0:  # Here, not after all the training, at the first eval.
+    raise UserError(f'the test split of {job.data.description} is empty: evaluation needs test examples; point '
                     f'{setting("data_dir")} at a complete dataset')
   workdir_lib.prepare(workdir)  # After the data: a failed start leaves no empty workdir behind.
   workdir_lib.lock(workdir)
