@@ -1,7 +1,8 @@
 """SIGTERM or SIGINT (Ctrl-C) -> checkpoint at the next step boundary, one line, exit 0.
 
-`install()` runs first thing in train.py's `main`, so no moment of the run is left with the default
-handler (exit 143, no message):
+`install()` runs first thing in train.py, before its heavy imports, so no moment of the run is left with
+the default handler (exit 143, no message):
+  - imports: exits at once with one line (nothing is open yet);
   - start-up (loading, compiling): the run stops at once with `Stopped`: there is nothing new to save;
   - training: a flag, read at every step boundary, where the loop saves and stops;
   - after the last step (final save, plot): noted; the run finishes, then says so.
