@@ -140,8 +140,9 @@ def _idx_header(d, stem, header: bytes, payload: bytes = b''):
     f.write(header + payload)
 
 
-def _idx_overflow(d):  # 4 dims of 0xFFFFFFFF: the byte count overflows int64 in numpy.
-  _idx_header(d, 'train-images-idx3-ubyte', bytes([0, 0, 8, 4]) + b'\xff' * 16)
+def _idx_overflow(d):  # 2**31 x 2**31 x 4 = 2**64 wraps to 0 in numpy's int64: "0 bytes expected", no payload.
+  dims = (2**31, 2**31, 4)
+  _idx_header(d, 'train-images-idx3-ubyte', bytes([0, 0, 8, 3]) + b''.join(n.to_bytes(4, 'big') for n in dims))
 
 
 def _idx_many_dims(d):  # Magic 0x00000999: 153 dimensions.
@@ -311,7 +312,8 @@ def test_config_file_missing_keys(runs, case):
 
 @_case('idx_overflow')
 def test_idx_dimension_product_overflows(runs, case):
-  _assert_refused(runs.result(case), 'train-images-idx3-ubyte.gz holds 0 bytes of data', '(4294967295, ', 'reinstall')
+  _assert_refused(runs.result(case), 'train-images-idx3-ubyte.gz holds 0 bytes of data',
+                  '(2147483648, 2147483648, 4)', 'reinstall')
 
 
 @_case('idx_many_dims')

@@ -143,8 +143,9 @@ def test_flipped_bit_in_a_checkpoint_is_quarantined(tmp_path, trained, data_dir)
 def test_non_finite_state_is_never_saved_and_a_lower_lr_resumes(tmp_path, trained, data_dir):
   """lr=1e300 is inf in float32: step 9's loss is finite, its update is not. The old code saved that state."""
   workdir = _copy(trained, tmp_path)
-  line = _one_error(harness.run_train(workdir, *_args(data_dir, '--config.learning_rate=1e300',
-                                                      '--config.num_train_steps=16', '--config.checkpoint_every_steps=1')))
+  args = _args(data_dir, '--config.learning_rate=1e300', '--config.num_train_steps=16',
+               '--config.checkpoint_every_steps=1')
+  line = _one_error(harness.run_train(workdir, *args))
   assert 'NaN or Inf at step 9' in line and 'not saved' in line and 'last checkpoint (step 8' in line, line
   assert harness.checkpoint_steps(workdir) == [4, 8]
   assert _all_finite(harness.load_checkpoint(workdir, 8))
