@@ -252,7 +252,7 @@ def _error_line(proc) -> str:
   assert 'Traceback (most recent call last)' not in output, output[-3000:]
   assert 'Fatal Python error' not in output, output[-3000:]
   assert proc.returncode == 2, (proc.returncode, output[-3000:])
-  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(lines) == 1, proc.stderr[-3000:]
   return lines[0]
 

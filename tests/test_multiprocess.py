@@ -89,7 +89,7 @@ def _refused(proc, log, *expected, limit):
   text = open(log).read()
   assert code == 2, (code, text[-3000:])
   assert 'Traceback' not in text and 'Fatal Python error' not in text and 'Check failure' not in text, text[-3000:]
-  lines = [l for l in text.splitlines() if l.startswith('error:')]
+  lines = [line for line in text.splitlines() if line.startswith('error:')]
   assert len(lines) == 1, text[-3000:]
   for e in expected:
     assert e in lines[0], (e, lines[0])

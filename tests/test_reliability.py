@@ -51,7 +51,7 @@ def _one_error(proc, code=2) -> str:
   out = proc.stdout + proc.stderr
   assert 'Traceback' not in out and 'Fatal Python error' not in out, out[-3000:]
   assert proc.returncode == code, (proc.returncode, out[-3000:])
-  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert len(lines) == 1, proc.stderr[-3000:]
   return lines[0]
 
@@ -154,7 +154,7 @@ def test_non_finite_state_is_never_saved_and_a_lower_lr_resumes(tmp_path, traine
   assert 'resuming at step 8' in out and harness.checkpoint_steps(workdir)[-1] == 12
   assert 'Config changed on resume at step 8' in out and 'learning_rate 1e+300 -> 0.01' in out, out[-2000:]
   with open(os.path.join(workdir, 'config_history.jsonl')) as f:
-    history = [json.loads(l) for l in f]
+    history = [json.loads(line) for line in f]
   assert [h['step'] for h in history] == [8, 8], history  # The failed run's change, then the recovery's.
   assert history[0]['changes']['learning_rate'] == {'from': 0.05, 'to': 1e300}
   assert history[1]['changes']['learning_rate'] == {'from': 1e300, 'to': 0.01}

@@ -96,11 +96,12 @@ class Trainer:
       workdir_lib.record_config(workdir, self.config, self.ckpts.latest_step())
     restored = self.ckpts.restore_latest(state)
     self.resumed = restored is not None
-    self.state = job.stepper.to_device(restored if self.resumed else state)
-    self.start_step = int(jax.device_get(self.state.step))
+    state = restored if self.resumed else state
+    self.start_step = int(jax.device_get(state.step))  # From the canonical state: pmap's has one per device.
+    self.state = job.stepper.to_device(state)
     if not self.resumed:
       workdir_lib.record_config(workdir, self.config, None)
-    self.reporter = reporting.Reporter(workdir, self.config, self.is_main, self.start_step)
+    self.reporter = reporting.Reporter(workdir, self.is_main, self.start_step)
     self.window = _StepMetrics(job.stepper, self.config.max_steps_in_flight, self.last_checkpoint)
     self.speed = reporting.Throughput(self.start_step, job.total_steps, self.config.batch_size)
     self.final: Optional[dict] = None

@@ -25,7 +25,7 @@ def _fmt_duration(seconds: float) -> str:
 class Reporter:
   """Writes metrics events; every method is a no-op off process 0 (except for returning text)."""
 
-  def __init__(self, workdir: str, config, is_main: bool, start_step: int):
+  def __init__(self, workdir: str, is_main: bool, start_step: int):
     self.is_main = is_main
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._writer = None
@@ -65,10 +65,6 @@ class Reporter:
       f.write(json.dumps(event) + '\n')
     scalars = {k: v for k, v in event.items() if k not in ('step', 'time', 'kind') and isinstance(v, (int, float))}
     self._writer.write_scalars(event['step'], scalars)
-
-  def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
 
   def close(self) -> None:
     if self._writer is not None:
