@@ -22,7 +22,8 @@ from errors import UserError
 def fingerprint(config, state) -> dict:
   """What must match for a checkpoint to be resumable by this config."""
   shapes = {jax.tree_util.keystr(k): list(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
-      {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state})}
+      {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
+       'ema_params': state.ema_params})}  # No EMA: {} adds no entry, so fingerprints match older runs.
   return {'model': config.model, 'dataset': config.dataset, 'optimizer': config.optimizer, 'shapes': shapes}
 
 

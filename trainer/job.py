@@ -34,7 +34,8 @@ class Job:
 
   def initial_state(self) -> state_lib.TrainState:
     """The canonical (replicated) initial state: the same for every topology."""
-    return state_lib.initial_state(self.mesh, self.model, self.tx, self.data.image_shape, self.config.seed)
+    return state_lib.initial_state(self.mesh, self.model, self.tx, self.data.image_shape, self.config.seed,
+                                    ema=self.config.ema_decay > 0)
 
   def train_feed(self, start_step: int, num_steps: Optional[int] = None) -> device_feed.Prefetcher:
     """Placed train batches `start_step .. num_steps-1` (default: to the end of the run), this process's rows."""
@@ -59,6 +60,10 @@ def build(config, *, mesh=None, data: Optional[sources.InMemoryDataset] = None) 
   n_dev = mesh.devices.size
   mesh_lib.check_batch(config.batch_size, n_dev, 'batch_size')
   mesh_lib.check_batch(config.eval_batch_size, n_dev, 'eval_batch_size')
+  accum = config.grad_accum_steps
+  if (config.batch_size // n_dev) % accum:
+    raise UserError(f'{setting("batch_size")}={config.batch_size} does not split into {setting("grad_accum_steps")}'
+                    f'={accum} micro-batches on each of {n_dev} devices: use a multiple of {accum * n_dev}')
   data = data if data is not None else sources.load(config)
   steps_per_epoch = order.steps_per_epoch(len(data.train_images), config.batch_size)
   if steps_per_epoch == 0:
