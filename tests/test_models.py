@@ -90,16 +90,16 @@ def test_stem(px, stem, kernel):
   assert shapes['params']['stem_conv']['kernel'].shape[:2] == (kernel, kernel)
 
 
-@pytest.mark.slow
-def test_last_bn_scale_zero_and_v15_stride():
+def test_v15_stride_on_the_3x3():
+  """The first bottleneck of a strided stage strides in its 3x3 conv; its 1x1 convs keep the resolution."""
   model = create_model(_config(model='resnet50', resnet_width=8, resnet_stages='1,1'), num_classes=10)
-  variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 1)), train=False))()
-  block = variables['params']['Bottleneck_1']
-  assert not np.any(block['BatchNorm_2']['scale']) and np.all(block['BatchNorm_0']['scale'] == 1)
-  # v1.5: the 3x3 conv of the first block of a stage strides, its 1x1 convs do not.
-  _, inter = jax.eval_shape(lambda: model.apply(variables, jnp.zeros((1, 32, 32, 1)), train=False,
-                                                capture_intermediates=True, mutable=['intermediates']))
-  convs = inter['intermediates']['Bottleneck_1']
+  x = jnp.zeros((1, 32, 32, 1))
+
+  def intermediates():
+    variables = model.init(jax.random.PRNGKey(0), x, train=False)
+    return model.apply(variables, x, train=False, capture_intermediates=True, mutable=['intermediates'])[1]
+
+  convs = jax.eval_shape(intermediates)['intermediates']['Bottleneck_1']
   assert [convs[f'Conv_{i}']['__call__'][0].shape[1] for i in range(3)] == [32, 16, 16]
 
 
@@ -111,7 +111,7 @@ def test_patch_size_must_divide():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('overrides', [dict(model='resnet50', resnet_width=8, resnet_stages='1,1'),
+@pytest.mark.parametrize('overrides', [dict(model='resnet50', resnet_width=8, resnet_stages='1'),
                                        dict(model='vit_ti', patch_size=4, vit_depth=1, optimizer='adam',
                                             learning_rate=1e-3)],
                          ids=['resnet50', 'vit_ti'])
@@ -119,7 +119,10 @@ def test_model_one_vs_eight_devices(overrides):
   data = _data()
   config = _config(batch_size=32, eval_batch_size=8, **overrides)
   batches = _batches(data, 3, 32)
-  _, ref, ref_losses = _run(config, 1, data, batches)
+  job, ref, ref_losses = _run(config, 1, data, batches)
+  if config.model.startswith('resnet'):  # Zero-initialised last BatchNorm scale in every residual block.
+    block = job.initial_state().params['Bottleneck_0']
+    assert not np.any(block['BatchNorm_2']['scale']) and np.all(block['BatchNorm_0']['scale'] == 1)
   _, got, losses = _run(config, 8, data, batches)
   assert _max_diff((ref.params, ref.batch_stats), (got.params, got.batch_stats)) < 1e-5
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -167,8 +170,7 @@ def test_grad_accumulation_equals_one_big_batch():
   _, acc, acc_losses = _run(_config(grad_accum_steps=4, **common), 2, data, batches)
   assert _max_diff(big.params, acc.params) < 1e-5
   np.testing.assert_allclose(acc_losses, big_losses, rtol=1e-5)
-  _, one, _ = _run(_config(**common), 2, data, batches[:1])
-  assert _max_diff(big.params, one.params) > 1e-4  # The second step changed something.
+  assert abs(acc_losses[1] - acc_losses[0]) > 1e-3  # The first step changed the params.
 
 
 def test_grad_accumulation_batch_must_split():

@@ -20,7 +20,7 @@ from trainer import loop, utilization
 
 # Narrow the nets (the recipes' optimizer, schedule, dtype, smoothing, EMA... stay): full width would compile
 # for minutes on 2 cores. tests/test_models.py checks the full-size architectures' parameter counts.
-NARROW = dict(resnet_width=8, resnet_stages='1,1', batch_size=16, eval_batch_size=16, num_train_steps=3,
+NARROW = dict(resnet_width=8, resnet_stages='1', batch_size=16, eval_batch_size=16, num_train_steps=3,
               log_every_steps=1, checkpoint_every_steps=3, plot=False)
 
 

@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from absl import logging
 
 from errors import UserError
+from trainer.state import checkpoint_tree, from_checkpoint_tree
 
 
 def fingerprint(config, state) -> dict:
@@ -59,7 +60,7 @@ class Checkpoints:
     step = int(jax.device_get(state.step))
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(checkpoint_tree(state)),
                                                     meta=ocp.args.JsonSave(self.fingerprint)))
 
   def wait(self) -> None:
@@ -71,7 +72,7 @@ class Checkpoints:
 
   def restore_latest(self, template):
     """The newest readable checkpoint restored into `template`'s structure and shardings, or None."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_tree(template))
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -88,7 +89,7 @@ class Checkpoints:
         self._set_aside(step, e)
         continue
       logging.info('Restored checkpoint %s/%d', self.directory, step)
-      return restored['state']
+      return from_checkpoint_tree(restored['state'])
     return None
 
   def _set_aside(self, step: int, error: Exception) -> None:

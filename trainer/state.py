@@ -14,7 +14,7 @@ class TrainState:
   """Everything that changes during training; the data position follows from `step`.
 
   `ema_params`: the exponential moving average of `params` when `config.ema_decay` > 0 (eval uses it),
-  else `{}` (no leaves: the state, and its checkpoints, are then exactly those of a run without EMA).
+  else `{}`.
   """
   step: jax.Array
   params: Any
@@ -37,3 +37,19 @@ def initial_state(mesh, model, tx, image_shape, seed: int, ema: bool = False) ->
                       ema_params=jax.tree.map(jnp.copy, params) if ema else {})
 
   return jax.jit(init, out_shardings=replicated(mesh))()
+
+
+_FIELDS = ('step', 'params', 'batch_stats', 'opt_state', 'rng')
+
+
+def checkpoint_tree(state: TrainState) -> dict:
+  """What a checkpoint holds: the state's fields, `ema_params` only when EMA is on, so checkpoints of runs
+  without EMA keep the layout of those written before EMA existed (and stay resumable)."""
+  tree = {name: getattr(state, name) for name in _FIELDS}
+  if jax.tree.leaves(state.ema_params):
+    tree['ema_params'] = state.ema_params
+  return tree
+
+
+def from_checkpoint_tree(tree: dict) -> TrainState:
+  return TrainState(**tree)
