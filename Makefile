@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/default
 ARGS ?=
 
-.PHONY: setup data train test bench clean
+.PHONY: setup data train test quick lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,8 +31,15 @@ data:
 train: setup data
 	$(PY) train.py --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
 
-test: setup data
+test: setup data lint
 	$(PY) -m pytest -q tests $(ARGS)
+
+# The developers' inner loop: everything but the subprocess and two-process tests (under a minute).
+quick: setup
+	$(PY) -m pytest -q tests -m "not slow and not multiprocess" $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
 
 bench: setup data
 	$(PY) -m benchmarks.throughput $(ARGS)

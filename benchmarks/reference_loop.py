@@ -1,10 +1,12 @@
-"""The plain single-device training loop most JAX/Flax tutorials show: the baseline row of the benchmark.
+"""The seed's loop, exactly as written (the Flax MNIST example's `train_epoch`): the benchmark's baseline row.
 
-  - one `jax.jit` for loss + gradients (`jax.value_and_grad`), a second `jax.jit` for the optax update;
-  - the batch is gathered on the host with numpy fancy indexing and scaled there (`images[idx] / 255.0`,
-    float64, converted to float32 when it is passed to the jitted function);
-  - the host-side gather/scale time is what the `input_wait` column shows for this row;
-  - the loss is fetched to the host (`float(loss)`) every step, so the host waits for every step.
+  - the whole train split is one float32 `jnp` array on the device, scaled once (`/ 255.`);
+  - each epoch's order is `jax.random.permutation` on the device, and every batch is gathered by indexing
+    the device array (`train_images[perm]`, an eager dispatch per batch);
+  - one `jax.jit` for loss + gradients (`apply_model`), a second for the optax update (`update_model`);
+  - the per-step loss stays on the device in a list and is averaged at the end of the epoch, so the host
+    never waits on a step inside an epoch (timed windows block once at their end, as an epoch end would).
+The input wait column is empty for this row: its gather runs on the device, inside the step time.
 
 Same model class (`models.cnn.CNN`, per-device BatchNorm), same optimizer and batch as the data-parallel
 rows. Nothing here is used by the trainer; `benchmarks.throughput` imports `run` for its reference row.
@@ -49,7 +51,7 @@ def make_steps(model, tx):
 def run(images: np.ndarray, labels: np.ndarray, *, batch: int, warmup_s: float = 1.0, window_s: float = 2.0,
         windows: int = 5, seed: int = 0, learning_rate: float = 0.01, momentum: float = 0.99,
         device: Optional[jax.Device] = None, variables: Optional[dict] = None) -> dict:
-  """Trains with the tutorial loop and times it: images/sec (median of `windows` windows after warm-up).
+  """Trains with the seed's loop and times it: images/sec (median of `windows` windows after warm-up).
 
   `variables` ({'params', 'batch_stats'}, e.g. host copies of the trainer's initial state) skips the init.
   """
@@ -64,35 +66,40 @@ def run(images: np.ndarray, labels: np.ndarray, *, batch: int, warmup_s: float =
     params = jax.device_put(variables['params'], device)
     batch_stats = jax.device_put(variables['batch_stats'], device)
     opt_state = tx.init(params)
+    train_images = jax.device_put(jnp.float32(images) / 255.0, device)  # The dataset as a jnp array.
+    train_labels = jax.device_put(jnp.asarray(labels), device)
   loss_and_grads, update = make_steps(model, tx)
-
-  rng = np.random.default_rng(seed)
   steps_per_epoch = len(images) // batch
-  perm, pos = rng.permutation(len(images)), 0
+  rng = jax.random.PRNGKey(seed)
 
-  def next_batch():
-    nonlocal perm, pos
-    if pos == steps_per_epoch:
-      perm, pos = rng.permutation(len(images)), 0
-    idx = perm[pos * batch:(pos + 1) * batch]
-    pos += 1
-    return images[idx] / 255.0, labels[idx]
+  def epoch_perms():
+    nonlocal rng
+    rng, key = jax.random.split(rng)
+    with jax.default_device(device):
+      perms = jax.random.permutation(key, len(images))[:steps_per_epoch * batch]
+      return iter(perms.reshape((steps_per_epoch, batch)))
 
-  losses, input_s = [], [0.0]
+  perms, epoch_loss = epoch_perms(), []
 
   def step():
-    nonlocal params, batch_stats, opt_state
-    t = time.perf_counter()
-    x, y = next_batch()
-    input_s[0] += time.perf_counter() - t
+    nonlocal params, batch_stats, opt_state, perms, epoch_loss
+    perm = next(perms, None)
+    if perm is None:  # End of the epoch: the seed averages the epoch's losses here (its only host sync).
+      float(np.mean(jax.device_get(epoch_loss)))
+      perms, epoch_loss = epoch_perms(), []
+      perm = next(perms)
     with jax.default_device(device):
+      x, y = train_images[perm, ...], train_labels[perm, ...]
       loss, grads, batch_stats = loss_and_grads(params, batch_stats, x, y)
       params, opt_state = update(params, opt_state, grads)
-    losses.append(float(loss))  # The host waits for every step here.
+    epoch_loss.append(loss)
 
-  x0, y0 = next_batch()
+  def sync():
+    jax.block_until_ready(params)
+
   t = time.perf_counter()
   step()
+  sync()
   compile_s = time.perf_counter() - t
 
   t0 = time.perf_counter()
@@ -100,25 +107,27 @@ def run(images: np.ndarray, labels: np.ndarray, *, batch: int, warmup_s: float =
   while warm < 3 or time.perf_counter() - t0 < warmup_s:
     step()
     warm += 1
+  sync()
   per_step = (time.perf_counter() - t0) / warm
   n = max(2, int(round(window_s / per_step)))
-  times, waits, cpus = [], [], []
+  times, cpus = [], []
   for _ in range(windows):
-    t, w, c = time.perf_counter(), input_s[0], time.process_time()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(n):
       step()
+    sync()
     times.append(time.perf_counter() - t)
-    waits.append(input_s[0] - w)
     cpus.append(time.process_time() - c)
 
   with jax.default_device(device):
-    grads_args = (params, batch_stats, jnp.asarray(x0, jnp.float32), jnp.asarray(y0))
+    x0, y0 = train_images[:batch], train_labels[:batch]
+    grads_args = (params, batch_stats, x0, y0)
     flops = cost_flops(loss_and_grads.lower(*grads_args).compile())
     _, grads, _ = loss_and_grads(*grads_args)
     flops += cost_flops(update.lower(params, opt_state, grads).compile())
   med = statistics.median(times)
   return {'backend': 'reference', 'devices': 1, 'batch': batch, 'images_per_s': n * batch / med,
-          'ms_per_step': 1e3 * med / n, 'input_wait': sum(waits) / sum(times),
+          'ms_per_step': 1e3 * med / n, 'input_wait': None,
           'cpu_cores': sum(cpus) / sum(times), 'compile_s': compile_s, 'flops_per_step': flops,
-          'steps_per_window': n, 'window_s': times, 'final_loss': losses[-1],
+          'steps_per_window': n, 'window_s': times, 'final_loss': float(epoch_loss[-1] if epoch_loss else 0.0),
           'images_per_s_windows': [n * batch / w for w in times]}

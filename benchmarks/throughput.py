@@ -11,26 +11,14 @@ The `reference` rows run benchmarks/reference_loop.py: the plain single-device t
 `--models` adds zoo rows (default: `cnn` only): `resnet18` (small stem) and `vit_ti` (patch 4) on generated
 32x32x3 images, 10 classes, the default recipe's optimizer; their backend cell reads `shard_map:resnet18`.
 
-Columns:
-  img/s        train images per second: median over timed windows after compile and warm-up
-  ms/step      median window time / steps per window
-  input%       share of the windows' time spent blocked on input (Prefetcher.wait_s; for the reference
-               rows, the host-side numpy gather and scaling)
-  cpu          process CPU time (all threads: XLA, tf.data, Python) / wall time in the windows: cores kept busy
-  compile_s    time of the first step (trace + compile + one run), first batch already in hand
-  GFLOP/s      XLA cost-analysis flops of the compiled step (all devices together) x steps per second
-  %peak        GFLOP/s / the best float32 matmul rate measured in the same run (2048^3, median of several
-               calls; measured at the start and again at the end, the better taken: on a shared machine the
-               denominator moves with the load as much as the rows do)
-  rss_MB       this process's resident memory after the row
-  maxrss_MB    ru_maxrss of this process: the peak since the process started (cumulative over the rows
-               before it, never per row)
 Each device count runs in its own process that simulates exactly that many CPU devices, as the trainer
 does (measured: a 2-device mesh inside an 8-device process runs ~20% slower than in a 2-device one).
-`--simulated_devices=N` instead runs every row in this process on the first k of N devices. Extra XLA flags go in the XLA_FLAGS
-environment variable (configure_backend appends its own; the JSON records the result). The last line printed
-is one JSON object with every row, for the README. On a machine shared with other jobs every column except
-compile_s and flops moves with the load: compare rows of one run, and the load averages it prints.
+`--simulated_devices=N` instead runs every row in this process on the first k of N devices. Extra XLA flags
+go in the XLA_FLAGS environment variable (configure_backend appends its own; the JSON records the result).
+It prints the CPU model, the table (columns: see --help, the same names as the README's table) and the
+load average at the start and end of every process: on a machine shared with other jobs every column except
+`compile s` and flops moves with the load, so compare rows of one run. `--json=FILE` writes every row, the
+per-window figures and the machine (CPU model, cores, JAX, XLA flags, load averages per process) to FILE.
 """
 
 import argparse
@@ -45,7 +33,22 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+COLUMN_HELP = """columns (the README's Performance table uses the same names):
+  backend      reference (benchmarks/reference_loop.py, the plain single-device loop), shard_map or pmap
+  devices      simulated CPU devices of the data-parallel mesh
+  batch        global batch
+  img/s        train images per second: median over timed windows after compile and warm-up
+  ms/step      median window time / steps per window
+  input wait   share of the windows' time spent blocked on input (Prefetcher.wait_s; for the reference
+               rows, the host-side gather and scaling)
+  cores busy   process CPU time (all threads: XLA, tf.data, Python) / wall time in the windows
+  compile s    time of the first step (trace + compile + one run), first batch already in hand
+  GFLOP/s      XLA cost-analysis flops of the compiled step (all devices together) x steps per second
+  % peak       GFLOP/s / the best float32 matmul rate (2048^3) measured in the same run, at its start and
+               end (the better taken: on a shared machine the denominator moves with the load too)
+  RSS MB       ru_maxrss of the row's process: its peak since it started (cumulative over the rows
+               before it in that process)
+"""
 
 FULL = {'backends': 'shard_map,pmap', 'devices': '1,2,4,8', 'batches': '128,512', 'warmup_s': 6.0,
         'window_s': 2.0, 'windows': 5}
@@ -81,7 +84,8 @@ def _names(text: str):
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog='python -m benchmarks.throughput', description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(prog='python -m benchmarks.throughput', description=__doc__.split('\n')[0],
+                              epilog=COLUMN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--quick', action='store_true', help='CI smoke: a couple of rows, a few seconds of timing')
   p.add_argument('--backends', help=f'comma list of shard_map,pmap (default {FULL["backends"]}; quick: '
                  f'{QUICK["backends"]})')
@@ -96,7 +100,7 @@ def parse_args(argv):
   p.add_argument('--window_s', type=float, help='target seconds per timed window')
   p.add_argument('--windows', type=int, help='timed windows per row (the median is reported)')
   p.add_argument('--models', default='cnn', help=f'comma list of {",".join(MODEL_ROWS)} (default cnn)')
-  p.add_argument('--json', help='also write the JSON summary to this file')
+  p.add_argument('--json', help='write every row, window and machine detail as one JSON object to this file')
   args = p.parse_args(argv)
   defaults = QUICK if args.quick else FULL
   for key, value in defaults.items():
@@ -118,7 +122,7 @@ def run_per_device_count(args, argv) -> int:
   """One child process per device count (each simulating exactly k devices); one merged table."""
   import subprocess
   import tempfile
-  rows, peaks, machine = [], [], None
+  rows, peaks, children = [], [], []
   passthrough = [a for a in argv if not a.startswith(('--devices', '--json', '--simulated_devices'))]
   with tempfile.TemporaryDirectory() as tmp:
     for i, k in enumerate(sorted(args.devices)):
@@ -133,7 +137,7 @@ def run_per_device_count(args, argv) -> int:
         child = json.load(f)
       rows += child['rows']
       peaks.append(child['peak_gflops'])
-      machine = machine or child['machine']
+      children.append(dict(child['machine'], devices=k))
   if not rows:
     return 1
   peak = max(peaks)
@@ -142,15 +146,32 @@ def run_per_device_count(args, argv) -> int:
       row['pct_peak'] = 100 * row['gflops'] / peak
   order = {'reference': 0, 'shard_map': 1, 'pmap': 2}
   rows.sort(key=lambda r: (r['batch'], order.get(r['backend'], 3), r['devices']))
+  print(f'CPU: {cpu_model()}, {os.cpu_count()} cores')
   print(table(rows))
+  loads = ', '.join(f'{c["devices"]} dev {c["loadavg_start"]:.2f}->{c["loadavg_end"]:.2f}' for c in children)
   print(f'(one process per device count; median of timed windows; peak = best float32 matmul {peak:.1f} '
-        'GFLOP/s measured in these runs; maxrss_MB is each process\'s peak so far)')
-  summary = {'machine': machine, 'peak_gflops': peak, 'rows': rows}
+        f'GFLOP/s measured in these runs; load average at start->end of each process: {loads})')
   if args.json:
+    machine = {k: v for k, v in children[0].items() if k not in ('devices', 'loadavg_start', 'loadavg_end',
+                                                                   'simulated_devices')}
+    summary = {'machine': machine, 'processes': [{k: c[k] for k in ('devices', 'simulated_devices', 'loadavg_start',
+                                                                     'loadavg_end')} for c in children],
+               'peak_gflops': peak, 'rows': rows}
     with open(args.json, 'w') as f:
       f.write(json.dumps(summary) + '\n')
-  print(json.dumps(summary))
   return 0
+
+
+def cpu_model() -> str:
+  """The CPU's marketing name (figures only compare within one CPU model)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 # --- machine peak -------------------------------------------------------------------------------------------
@@ -304,21 +325,13 @@ def _timed_steps(stepper, state, feed, backend: str, k: int, batch: int, max_in_
 
 
 # --- report -------------------------------------------------------------------------------------------------
-def _rss_mb():
-  try:
-    import psutil
-    return psutil.Process().memory_info().rss / 2 ** 20
-  except ImportError:  # psutil is a project dependency; keep the benchmark usable without it.
-    return float('nan')
-
-
 def _maxrss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux.
 
 
-COLUMNS = [('backend', '{}'), ('dev', '{}'), ('batch', '{}'), ('img/s', '{:.0f}'), ('ms/step', '{:.1f}'),
-           ('input%', '{:.1f}'), ('cpu', '{:.2f}'), ('compile_s', '{:.2f}'), ('GFLOP/s', '{:.1f}'),
-           ('%peak', '{:.1f}'), ('rss_MB', '{:.0f}'), ('maxrss_MB', '{:.0f}')]
+COLUMNS = [('backend', '{}'), ('devices', '{}'), ('batch', '{}'), ('img/s', '{:.0f}'), ('ms/step', '{:.1f}'),
+           ('input wait', '{:.1f}%'), ('cores busy', '{:.2f}'), ('compile s', '{:.2f}'), ('GFLOP/s', '{:.1f}'),
+           ('% peak', '{:.1f}'), ('RSS MB', '{:.0f}')]
 
 
 def _cells(row):
@@ -326,7 +339,7 @@ def _cells(row):
     return [str(row['backend']), str(row['devices']), str(row['batch']), 'error'] + [''] * (len(COLUMNS) - 4)
   values = [row['backend'], row['devices'], row['batch'], row['images_per_s'], row['ms_per_step'],
             None if row.get('input_wait') is None else 100 * row['input_wait'], row.get('cpu_cores'),
-            row['compile_s'], row['gflops'], row['pct_peak'], row['rss_mb'], row['maxrss_mb']]
+            row['compile_s'], row['gflops'], row['pct_peak'], row['maxrss_mb']]
   return [('-' if v is None else fmt.format(v)) for v, (_, fmt) in zip(values, COLUMNS)]
 
 
@@ -365,7 +378,7 @@ def main(argv=None) -> int:
   def finish(row):
     flops = row.get('flops_per_step')
     row['gflops'] = None if not flops else flops * row['images_per_s'] / row['batch'] / 1e9
-    row['rss_mb'], row['maxrss_mb'] = _rss_mb(), _maxrss_mb()
+    row['maxrss_mb'] = _maxrss_mb()
     rows.append(row)
     quiet(f'  {row["backend"]:>9} dev={row["devices"]} batch={row["batch"]}: {row["images_per_s"]:.0f} img/s, '
           f'{row["ms_per_step"]:.1f} ms/step, compile {row["compile_s"]:.2f}s, loss {row["final_loss"]:.3f}')
@@ -399,12 +412,13 @@ def main(argv=None) -> int:
     if 'error' not in row:
       row['pct_peak'] = None if row['gflops'] is None else 100 * row['gflops'] / peak_gflops
   quiet('done')
+  print(f'CPU: {cpu_model()}, {os.cpu_count()} cores')
   print(table(rows))
   print(f'(median of {args.windows} windows of ~{args.window_s}s after {args.warmup_s}s warm-up; peak = best '
-        f'float32 matmul {peak_gflops:.1f} GFLOP/s measured in this run; maxrss_MB is the process peak so far, '
+        f'float32 matmul {peak_gflops:.1f} GFLOP/s measured in this run; RSS MB is the process peak so far, '
         f'cumulative over rows; load average {load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; '
         f'{time.perf_counter() - started:.0f}s total)')
-  summary = {'machine': {'cpu_count': os.cpu_count(), 'processor': platform.processor() or platform.machine(),
+  summary = {'machine': {'cpu_count': os.cpu_count(), 'cpu_model': cpu_model(),
                          'jax': jax.__version__, 'simulated_devices': jax.device_count(),
                          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'loadavg_start': load_start[0],
                          'loadavg_end': os.getloadavg()[0]},
@@ -414,11 +428,9 @@ def main(argv=None) -> int:
              'rows': [{k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()
                        if k not in ('window_s', 'images_per_s_windows')} |
                       {'images_per_s_windows': [round(x, 1) for x in r['images_per_s_windows']]} for r in rows]}
-  line = json.dumps(summary, sort_keys=False)
   if args.json:
     with open(args.json, 'w') as f:
-      f.write(line + '\n')
-  print(line)
+      f.write(json.dumps(summary) + '\n')
   return 0
 
 

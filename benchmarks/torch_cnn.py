@@ -16,40 +16,23 @@ torch is not a project dependency: run this from a separate venv (see benchmarks
 """
 
 import argparse
-import gzip
 import json
 import os
 import statistics
-import struct
 import sys
 import time
 
 import numpy as np
 
-DATA_DIR = '/usr/share/datasets/fashion-mnist'
+from input_pipeline import idx, sources
 
-
-def read_idx(path: str) -> np.ndarray:
-  """An IDX file (optionally gzipped) as a numpy array."""
-  opener = gzip.open if path.endswith('.gz') else open
-  with opener(path, 'rb') as f:
-    raw = f.read()
-  zero, dtype_code, ndim = struct.unpack('>HBB', raw[:4])
-  if zero != 0 or dtype_code != 0x08:
-    raise ValueError(f'{path}: not an unsigned-byte IDX file')
-  shape = struct.unpack('>' + 'I' * ndim, raw[4:4 + 4 * ndim])
-  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+# The project's own IDX reader and dataset table (numpy only: no TensorFlow or JAX is imported here).
+DATA_DIR = sources.DATASETS['fashion_mnist'].idx_dir
 
 
 def load_train(data_dir: str):
-  def find(stem):
-    for name in (stem + '.gz', stem):
-      if os.path.exists(os.path.join(data_dir, name)):
-        return os.path.join(data_dir, name)
-    raise FileNotFoundError(f'{stem}(.gz) not in {data_dir}')
-  images = read_idx(find('train-images-idx3-ubyte'))  # [N, 28, 28]
-  labels = read_idx(find('train-labels-idx1-ubyte')).astype(np.int64)
-  return images[:, None, :, :].copy(), labels  # NHWC with C=1 -> NCHW is this reshape.
+  images, labels = idx.load_split(data_dir, 'train', num_classes=10)  # [N, 28, 28, 1]
+  return np.ascontiguousarray(images.transpose(0, 3, 1, 2)), labels.astype(np.int64)  # NCHW
 
 
 def build(torch, nn, channels_last: bool):

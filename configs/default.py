@@ -14,11 +14,20 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # Data (input_pipeline/sources.py).
-  c.dataset = 'fashion_mnist'     # built-in: fashion_mnist, mnist, cifar10; any TFDS name with data_source=tfds
-  c.data_source = 'auto'          # auto | idx | tfds
-  c.data_dir = ''                 # IDX directory or TFDS data_dir; '' = the dataset's default
+  # Data (input_pipeline/: sources.py, folder.py, tfds_source.py, augment.py).
+  c.dataset = 'fashion_mnist'     # built-in: fashion_mnist, mnist, cifar10; any TFDS name with data_source=tfds;
+                                  # only a label with data_source=folder
+  c.data_source = 'auto'          # auto | idx | tfds | folder
+  c.data_dir = ''                 # IDX directory, TFDS data_dir or image folder; '' = the dataset's default
   c.download = False              # let TFDS download when the data is not prepared
+  c.eval_split = ''               # '' = test, or validation where there is no labelled test split (folder: test/,
+                                  # validation/ or val/)
+  c.image_size = 0                # 0 = native size; N: train crop and eval resize to N x N
+  c.augment = 'none'              # none | cifar (pad 4, crop, flip) | imagenet (random-resized crop, flip)
+  c.normalize = False             # False: pixels scaled to [0, 1]; True: then (x - mean) / std per channel
+  c.mean = (0.485, 0.456, 0.406)  # used only with normalize (1 value or one per channel); ImageNet's
+  c.std = (0.229, 0.224, 0.225)
+  c.data_threads = 0              # host threads that read, decode and augment; 0 = one per core
   # Model (models/).
   c.model = 'cnn'                 # cnn | mlp | resnet18 | resnet34 | resnet50 | vit_ti | vit_s
   c.dtype = 'float32'             # compute dtype: float32 | bfloat16 (params and optimizer stay float32)

@@ -2,12 +2,19 @@
 
 `Prefetcher` keeps up to `depth` batches already transferred, so the train step never waits on tf.data or
 on a host-to-device copy; it works for both layouts (the Flax prefetch helper only fits pmap's).
+`from_dataset` pulls several steps' batches per tf.data element: each element costs ~100-600 µs of Python
+and iterator overhead whatever its size, which dominated the step of small models (benchmarks/host_overhead.py).
 """
 
 import queue
 import threading
 import time
 from typing import Callable, Iterable
+
+import numpy as np
+
+CHUNK_BYTES = 4 << 20  # Bytes of batches per tf.data element, at most (and at most MAX_CHUNK steps).
+MAX_CHUNK = 16
 
 _END = object()
 
@@ -71,3 +78,32 @@ class Prefetcher:
 
   def __del__(self):
     self._stop.set()
+
+
+def steps_per_element(element_spec, chunk_bytes: int = CHUNK_BYTES) -> int:
+  """How many steps' batches one tf.data element may hold: 1 when a shape is unknown or a batch is large."""
+  sizes = []
+  for spec in _leaves(element_spec):
+    if not spec.shape.is_fully_defined():
+      return 1
+    sizes.append(int(np.prod(spec.shape)) * spec.dtype.size)
+  return int(max(1, min(MAX_CHUNK, chunk_bytes // max(sum(sizes), 1))))
+
+
+def _leaves(tree):
+  return [leaf for value in tree.values() for leaf in _leaves(value)] if isinstance(tree, dict) else [tree]
+
+
+def _split(chunks: Iterable) -> Iterable:
+  """Elements of stacked batches [k, ...] -> the k batches, as numpy views (no copies)."""
+  for chunk in chunks:
+    for i in range(len(next(iter(chunk.values())))):
+      yield {name: value[i] for name, value in chunk.items()}
+
+
+def from_dataset(ds, put: Callable, depth: int = 2) -> Prefetcher:
+  """A `Prefetcher` over a tf.data dataset of batch dicts, pulling several steps per element (same order)."""
+  k = steps_per_element(ds.element_spec)
+  if k == 1:
+    return Prefetcher(ds.as_numpy_iterator(), put, depth)
+  return Prefetcher(_split(ds.batch(k).as_numpy_iterator()), put, depth)

@@ -180,6 +180,7 @@ class ShardMapStepper(Stepper):
     super().__init__(mesh, model, eval_model, tx, bn_mode, options)
     spec = TrainState(step=P(), params=P(), batch_stats=P(AXIS) if self.local_bn else P(), opt_state=P(),
                       rng=P(), ema_params=P())
+    self._batch_sharding = mesh_lib.batch_sharding(mesh)
     smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
     self.train_step = jax.jit(smap(self._train, in_specs=(spec, P(AXIS)), out_specs=(spec, P())),
                               donate_argnums=0)
@@ -189,6 +190,8 @@ class ShardMapStepper(Stepper):
     self._unstack = jax.jit(smap(lambda bs: jax.tree.map(lambda x: x[0], bs), in_specs=P(AXIS), out_specs=P()))
 
   def place(self, local_batch):
+    if jax.process_count() == 1:  # One transfer call for the whole batch: ~2x cheaper than per-leaf assembly.
+      return jax.device_put(local_batch, self._batch_sharding)
     return mesh_lib.to_global(self.mesh, local_batch)
 
   def to_device(self, state: TrainState) -> TrainState:

@@ -45,7 +45,7 @@ def metrics(workdir):
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def wait_for(predicate, timeout=120, interval=0.01):

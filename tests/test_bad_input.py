@@ -19,6 +19,8 @@ from input_pipeline import idx
 from tests.conftest import make_fake_mnist
 from tests.harness import free_port, load_checkpoint, run_train
 
+pytestmark = pytest.mark.slow  # Bad inputs are fed through train.py, as a user would.
+
 VALUE_CASES = {  # --config.KEY=VALUE -> what the error line must say besides the key
     'batch_size=0': '>= 1', 'batch_size=-64': '>= 1', 'eval_batch_size=0': '>= 1',
     'learning_rate=0': '> 0', 'learning_rate=-0.1': '> 0', 'learning_rate=nan': '> 0',

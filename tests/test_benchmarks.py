@@ -7,12 +7,14 @@ import sys
 
 import pytest
 
+from input_pipeline import sources
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST = sources.DATASETS['fashion_mnist'].idx_dir
 
 # The benchmarks measure the real default job's data; `make test` installs it where apt exists.
-pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
-                                reason=f'{FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)')
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
+                                reason=f'{FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)')]
 
 
 def _run(*args):
@@ -24,9 +26,15 @@ def _run(*args):
   return proc.stdout
 
 
-def test_throughput_quick_prints_rows():
-  out = _run('benchmarks.throughput', '--quick', '--devices=2', '--simulated_devices=2')
-  summary = json.loads(out.strip().splitlines()[-1])
+def test_throughput_quick_prints_rows(tmp_path):
+  path = str(tmp_path / 'bench.json')
+  out = _run('benchmarks.throughput', '--quick', '--devices=2', '--simulated_devices=2', f'--json={path}')
+  header = next(line for line in out.splitlines() if line.startswith('backend'))
+  assert header.split() == ['backend', 'devices', 'batch', 'img/s', 'ms/step', 'input', 'wait', 'cores', 'busy',
+                            'compile', 's', 'GFLOP/s', '%', 'peak', 'RSS', 'MB'], header  # The README's names.
+  assert 'CPU: ' in out and not any(line.startswith('{') for line in out.splitlines())  # JSON only in the file.
+  with open(path) as f:
+    summary = json.load(f)
   rows = {(r['backend'], r['devices']): r for r in summary['rows']}
   assert set(rows) == {('reference', 1), ('shard_map', 2)}
   for row in rows.values():

@@ -1,4 +1,7 @@
-"""Input pipeline: one global batch order for any topology, reshuffles, exact resume, exact eval, TFDS loading."""
+"""Input pipeline: one global batch order for any topology, reshuffles, exact resume, exact eval, TFDS loading.
+
+The in-memory source with `augment=none` here; images, augmentation and other sources: test_folder_source.py,
+test_augment.py, test_tfds_source.py."""
 
 import jax
 import ml_collections
@@ -7,7 +10,7 @@ import pytest
 
 from configs import tiny
 from errors import UserError
-from input_pipeline import order, pipeline, sources
+from input_pipeline import augment, order, pipeline, sources
 from parallel import mesh as mesh_lib
 from trainer import job as job_lib
 from trainer import loop
@@ -25,10 +28,22 @@ def train_arrays():
   return images, np.arange(N, dtype=np.int32)
 
 
+def _source(images, labels):
+  return sources.InMemoryDataset(images, labels, images, labels, num_classes=N, source='test')
+
+
+def _none(images):
+  return augment.Preprocess('none', 0, channels=images.shape[-1], native_shape=images.shape[1:])
+
+
+def _eval_stream(images, labels, **kw):
+  return list(pipeline.as_numpy(pipeline.eval_dataset(_source(images, labels), _none(images), **kw)))
+
+
 def _stream(arrays, *, rows=None, start_step=0, num_steps=NUM_STEPS, seed=0, global_batch=B):
   images, labels = arrays
   rows = rows or (0, global_batch)
-  ds = pipeline.train_dataset(images, labels, seed=seed, global_batch=global_batch, rows=rows,
+  ds = pipeline.train_dataset(_source(images, labels), _none(images), seed=seed, global_batch=global_batch, rows=rows,
                               start_step=start_step, num_steps=num_steps)
   return list(pipeline.as_numpy(ds))
 
@@ -104,7 +119,7 @@ def test_eval_batches_for_simulated_processes(train_arrays):
   eb = 16
   idx, mask = order.eval_batches(N, eb)
   assert idx.shape == (7, eb) and mask.sum() == N
-  parts = [list(pipeline.as_numpy(pipeline.eval_dataset(images, labels, eval_batch=eb, rows=r)))
+  parts = [_eval_stream(images, labels, eval_batch=eb, rows=r)
            for r in ((0, 8), (8, 16))]
   for step in range(len(idx)):
     label = np.concatenate([p[step]['label'] for p in parts])
@@ -191,7 +206,7 @@ def test_images_are_float32_in_unit_range(train_arrays, full_stream):
   assert all_images.dtype == np.float32
   assert all_images.min() >= 0.0 and all_images.max() <= 1.0
   assert all_images.min() == 0.0 and all_images.max() == pytest.approx(1.0, abs=1e-7)
-  ev = list(pipeline.as_numpy(pipeline.eval_dataset(images, labels, eval_batch=8, rows=(0, 8))))
+  ev = _eval_stream(images, labels, eval_batch=8, rows=(0, 8))
   np.testing.assert_allclose(ev[0]['image'], images[:8].astype(np.float32) / 255.0, rtol=1e-6, atol=0)
   assert ev[0]['image'].dtype == np.float32 and ev[0]['mask'].dtype == np.float32
   assert ev[0]['image'][0].max() == pytest.approx(1.0, abs=1e-7)  # Example 0 is all 255.
@@ -271,7 +286,8 @@ def test_exact_eval_reference_is_sensitive(eval_setup):
 
 
 def _tfds_config(dataset, data_dir, download):
-  return ml_collections.ConfigDict(dict(dataset=dataset, data_source='tfds', data_dir=data_dir, download=download))
+  return ml_collections.ConfigDict(dict(dataset=dataset, data_source='tfds', data_dir=data_dir, download=download,
+                                        eval_split=''))
 
 
 def test_tfds_mock_mnist(tmp_path):
@@ -279,13 +295,20 @@ def test_tfds_mock_mnist(tmp_path):
   # Downloads are "allowed" but mocked to a no-op: nothing touches the network.
   with tfds.testing.mock_data(num_examples=20):
     data = sources.load(_tfds_config('mnist', str(tmp_path), True))
-  assert data.source.startswith('tfds:')
-  assert data.train_images.shape == (20, 28, 28, 1) and data.train_images.dtype == np.uint8
-  assert data.test_images.shape == (20, 28, 28, 1) and data.test_images.dtype == np.uint8
-  assert data.train_labels.shape == (20,) and data.train_labels.dtype == np.int32
-  assert data.test_labels.shape == (20,) and data.test_labels.dtype == np.int32
-  assert data.num_classes == 10 and data.image_shape == (28, 28, 1)
-  assert data.train_labels.min() >= 0 and data.train_labels.max() < 10
+    assert data.description.startswith('tfds:')
+    assert data.num_examples('train') == 20 and data.num_examples('eval') == 20
+    assert data.num_classes == 10 and data.image_shape == (28, 28, 1) and data.channels == 1
+    batches = _eval_stream_of(data, eval_batch=8)
+  images = np.concatenate([b['image'] for b in batches])
+  labels = np.concatenate([b['label'] for b in batches])
+  assert images.shape == (24, 28, 28, 1) and images.dtype == np.float32 and labels.dtype == np.int32
+  assert sum(b['mask'].sum() for b in batches) == 20
+  assert labels.min() >= 0 and labels.max() < 10 and 0 <= images.min() and images.max() <= 1
+
+
+def _eval_stream_of(data, eval_batch):
+  prep = augment.Preprocess('none', 0, channels=data.channels, native_shape=data.image_shape)
+  return list(pipeline.as_numpy(pipeline.eval_dataset(data, prep, eval_batch=eval_batch, rows=(0, eval_batch))))
 
 
 @pytest.mark.parametrize('dataset', ['mnist', 'cifar10'])
@@ -296,9 +319,7 @@ def test_tfds_not_prepared_without_download(tmp_path, dataset):
   assert 'download' in str(e.value)
 
 
-def test_unknown_source_and_dataset(tmp_path):
-  with pytest.raises(UserError, match='data_source'):
-    sources.load(ml_collections.ConfigDict(dict(dataset='mnist', data_source='ftp', data_dir='', download=False)))
+def test_unknown_dataset(tmp_path):
   with pytest.raises(UserError, match='no_such_dataset'):
     sources.load(_tfds_config('no_such_dataset', str(tmp_path), False))
 

@@ -9,6 +9,8 @@ import pytest
 from tests import harness
 from tests.conftest import make_fake_mnist
 
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory):

@@ -11,6 +11,8 @@ import pytest
 from tests import harness
 from tests.conftest import make_fake_mnist
 
+pytestmark = pytest.mark.slow  # Every test here runs train.py as a subprocess.
+
 DEVICES = '--num_cpu_devices=4'
 EPOCHS = 12  # 8 steps/epoch on the fake data: 96 steps, a few seconds of training.
 

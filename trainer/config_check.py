@@ -3,6 +3,7 @@
 import math
 
 from errors import UserError, setting
+from input_pipeline.augment import AUGMENTATIONS
 from input_pipeline.sources import SOURCES
 from models import DTYPES, MODELS, resnet
 from parallel.steps import BACKENDS, BN_MODES
@@ -10,7 +11,8 @@ from trainer.optim import OPTIMIZERS, SCHEDULES
 
 # Config field -> the registry whose keys are its allowed values (the registries are the only truth).
 _CHOICES = {
-    'data_source': SOURCES, 'model': MODELS, 'optimizer': OPTIMIZERS, 'lr_schedule': SCHEDULES,
+    'data_source': SOURCES, 'augment': AUGMENTATIONS, 'model': MODELS, 'optimizer': OPTIMIZERS,
+    'lr_schedule': SCHEDULES,
     'parallel_backend': BACKENDS, 'bn_mode': BN_MODES, 'dtype': DTYPES, 'stem': resnet.STEMS,
 }
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'checkpoint_every_steps',
@@ -63,3 +65,16 @@ def validate(config) -> None:
     _fail('warmup_steps', config.warmup_steps, 'must be >= 0')
   if not config.dataset or not isinstance(config.dataset, str):
     _fail('dataset', config.dataset, 'name a dataset, e.g. fashion_mnist')
+  for key in ('image_size', 'data_threads'):
+    if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 0:
+      _fail(key, config[key], 'must be a whole number >= 0 (0: the default)')
+  if not isinstance(config.eval_split, str) or '/' in config.eval_split:
+    _fail('eval_split', config.eval_split, "name a split (e.g. test, validation), or '' for the default")
+  if config.normalize:
+    for key in ('mean', 'std'):
+      values = config[key]
+      if not isinstance(values, (tuple, list)) or not values or \
+          not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        _fail(key, values, 'must be a tuple of finite numbers, e.g. (0.5,) or (0.485, 0.456, 0.406)')
+    if min(config.std) <= 0:
+      _fail('std', config.std, 'every value must be > 0')

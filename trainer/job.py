@@ -10,7 +10,7 @@ from typing import Any, Optional
 import optax
 
 from errors import UserError, setting
-from input_pipeline import device_feed, order, pipeline, sources
+from input_pipeline import augment, device_feed, order, pipeline, sources
 from models import create_model
 from parallel import mesh as mesh_lib
 from parallel import steps
@@ -23,7 +23,8 @@ class Job:
   """A config resolved against a mesh and a dataset: models, optimizer, compiled steps, stream lengths."""
   config: Any
   mesh: Any
-  data: sources.InMemoryDataset
+  data: sources.Source
+  prep: augment.Preprocess
   model: Any
   eval_model: Any
   tx: optax.GradientTransformation
@@ -34,26 +35,51 @@ class Job:
 
   def initial_state(self) -> state_lib.TrainState:
     """The canonical (replicated) initial state: the same for every topology."""
-    return state_lib.initial_state(self.mesh, self.model, self.tx, self.data.image_shape, self.config.seed,
+    return state_lib.initial_state(self.mesh, self.model, self.tx, self.prep.output_shape, self.config.seed,
                                     ema=self.config.ema_decay > 0)
 
   def train_feed(self, start_step: int, num_steps: Optional[int] = None) -> device_feed.Prefetcher:
     """Placed train batches `start_step .. num_steps-1` (default: to the end of the run), this process's rows."""
     c = self.config
-    ds = pipeline.train_dataset(self.data.train_images, self.data.train_labels, seed=c.seed, global_batch=c.batch_size,
-                                rows=mesh_lib.process_rows(self.mesh, c.batch_size), start_step=start_step,
-                                num_steps=self.total_steps if num_steps is None else num_steps)
-    return device_feed.Prefetcher(pipeline.as_numpy(ds), self.stepper.place, c.prefetch_batches)
+    rows = mesh_lib.process_rows(self.mesh, c.batch_size)
+    ds = pipeline.train_dataset(self.data, self.prep, seed=c.seed, global_batch=c.batch_size, rows=rows,
+                                start_step=start_step, num_steps=self.total_steps if num_steps is None else num_steps,
+                                threads=c.data_threads)
+
+    def explain(k, error):
+      step = start_step + k  # 0-based position in the stream; the loop calls it step + 1.
+      n = self.data.num_examples('train')
+      indices = order.epoch_batches(c.seed, step // self.steps_per_epoch, n, c.batch_size)[
+          step % self.steps_per_epoch, rows[0]:rows[1]]
+      return pipeline.bad_data_error(self.data, self.prep, 'train', indices, error, f'at training step {step + 1}',
+                                     seed=c.seed, step=step)
+
+    return self._feed(ds, explain)
 
   def eval_feed(self) -> device_feed.Prefetcher:
-    """Placed eval batches: every test example once, the last batch padded and masked."""
+    """Placed eval batches: every eval example once, the last batch padded and masked."""
     c = self.config
-    ds = pipeline.eval_dataset(self.data.test_images, self.data.test_labels, eval_batch=c.eval_batch_size,
-                               rows=mesh_lib.process_rows(self.mesh, c.eval_batch_size))
-    return device_feed.Prefetcher(pipeline.as_numpy(ds), self.stepper.place, c.prefetch_batches)
+    rows = mesh_lib.process_rows(self.mesh, c.eval_batch_size)
+    ds = pipeline.eval_dataset(self.data, self.prep, eval_batch=c.eval_batch_size, rows=rows, threads=c.data_threads)
+
+    def explain(k, error):
+      idx, _ = order.eval_batches(self.data.num_examples('eval'), c.eval_batch_size)
+      return pipeline.bad_data_error(self.data, self.prep, 'eval', idx[k, rows[0]:rows[1]], error,
+                                     f'during evaluation (eval batch {k + 1})')
+
+    return self._feed(ds, explain)
 
 
-def build(config, *, mesh=None, data: Optional[sources.InMemoryDataset] = None) -> Job:
+  def _feed(self, ds, explain) -> device_feed.Prefetcher:
+    """In-memory arrays (nothing to decode) go several steps per tf.data element; decoded sources one batch
+    per element, so that a failing file is found in the batch whose step the error names."""
+    depth = self.config.prefetch_batches
+    if pipeline.whole_batches(self.data, self.prep):
+      return device_feed.from_dataset(ds, self.stepper.place, depth)
+    return device_feed.Prefetcher(pipeline.checked(pipeline.as_numpy(ds), explain), self.stepper.place, depth)
+
+
+def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
   """Resolves `config` (validated by `trainer.config_check`) on `mesh` (default: every device) and `data`
   (default: `config.dataset` from `config.data_source`)."""
   mesh = mesh if mesh is not None else mesh_lib.make_mesh()
@@ -65,9 +91,11 @@ def build(config, *, mesh=None, data: Optional[sources.InMemoryDataset] = None) 
     raise UserError(f'{setting("batch_size")}={config.batch_size} does not split into {setting("grad_accum_steps")}'
                     f'={accum} micro-batches on each of {n_dev} devices: use a multiple of {accum * n_dev}')
   data = data if data is not None else sources.load(config)
-  steps_per_epoch = order.steps_per_epoch(len(data.train_images), config.batch_size)
+  prep = augment.Preprocess.from_config(config, data)
+  num_train = data.num_examples('train')
+  steps_per_epoch = order.steps_per_epoch(num_train, config.batch_size)
   if steps_per_epoch == 0:
-    raise UserError(f'{setting("batch_size")}={config.batch_size} is larger than the {len(data.train_images)} '
+    raise UserError(f'{setting("batch_size")}={config.batch_size} is larger than the {num_train} '
                     'training examples: use a smaller batch')
   total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
@@ -75,4 +103,4 @@ def build(config, *, mesh=None, data: Optional[sources.InMemoryDataset] = None) 
   eval_model = create_model(config, num_classes=data.num_classes, bn_axis_name=None)
   tx = optim.make_optimizer(config, total_steps)
   stepper = steps.make_stepper(config, mesh, model, eval_model, tx)
-  return Job(config, mesh, data, model, eval_model, tx, stepper, steps_per_epoch, total_steps, eval_every)
+  return Job(config, mesh, data, prep, model, eval_model, tx, stepper, steps_per_epoch, total_steps, eval_every)

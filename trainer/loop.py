@@ -130,9 +130,9 @@ class Trainer:
     if not self.is_main:
       return
     logging.info('Topology:\n%s', topology.summary(self.config.batch_size, self.config.parallel_backend))
-    logging.info('Data: %s (%d train, %d test, %d classes); %d steps/epoch, %d steps total; %s',
-                 data.source, len(data.train_images), len(data.test_images), data.num_classes, job.steps_per_epoch,
-                 job.total_steps,
+    logging.info('Data: %s (%d train, %d eval, %d classes; %s); %d steps/epoch, %d steps total; %s',
+                 data.description, data.num_examples('train'), data.num_examples('eval'), data.num_classes,
+                 job.prep.describe(), job.steps_per_epoch, job.total_steps,
                  f'resuming at step {self.start_step}' if self.resumed else 'starting from scratch')
 
   def run(self) -> dict:

@@ -11,7 +11,7 @@ def plot_learning_curves(workdir: str) -> str:
   import matplotlib.pyplot as plt
 
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    events = [json.loads(l) for l in f if l.strip()]
+    events = [json.loads(line) for line in f if line.strip()]
   train = [e for e in events if e.get('kind') == 'train']
   test = [e for e in events if e.get('kind') == 'eval']
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))

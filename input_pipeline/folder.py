@@ -1,0 +1,127 @@
+"""A folder of images, one sub-folder per class, as Keras `image_dataset_from_directory` and torchvision
+`ImageFolder` read it:
+
+  DATA_DIR/train/<class>/*.{jpg,jpeg,png}
+  DATA_DIR/test/<class>/...            (or validation/ or val/; `--config.eval_split` picks another name)
+
+Class names, sorted, are the labels 0..K-1 (from train/; an eval class missing from train/ is an error).
+Only the file list is held in memory (paths + labels, ~100 bytes per image); every image is read and decoded
+when a batch needs it, by this process only for its own rows.
+
+Start-up checks (cheap, one line naming the file): empty class folders, files that are not JPEG/PNG by
+extension, and a header sniff (PIL reads the header only, not the pixels) of every file up to `SNIFF_LIMIT`
+per split, evenly spaced beyond: format, size and colour mode. Images are decoded to RGB unless every
+sniffed image is grayscale (then 1 channel). Without `--config.image_size` every sniffed image must share one
+size; a file that fails later (corrupt body, a size the sniff did not see) stops training with a line
+naming the file and the step.
+"""
+
+import os
+from typing import List, Tuple
+
+import numpy as np
+
+from errors import UserError, setting
+from input_pipeline import sources
+
+EXTENSIONS = ('.jpg', '.jpeg', '.png')
+EVAL_DIRS = ('test', 'validation', 'val')
+SNIFF_LIMIT = 20000
+_GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
+
+
+def _listdir(directory: str) -> List[str]:
+  return sorted(n for n in os.listdir(directory) if not n.startswith('.'))
+
+
+def _scan(split_dir: str, classes=None) -> Tuple[List[str], List[str], np.ndarray]:
+  """(classes, file paths, labels) of one split folder; `classes` given: labels from that list."""
+  found = [c for c in _listdir(split_dir) if os.path.isdir(os.path.join(split_dir, c))]
+  if not found:
+    raise UserError(f'{split_dir} has no class folders: lay the images out as {split_dir}/<class>/*.jpg')
+  classes = classes or found
+  label_of = {c: k for k, c in enumerate(classes)}
+  paths, labels = [], []
+  for name in found:
+    if name not in label_of:
+      more = '...' if len(classes) > 10 else ''
+      raise UserError(f'{os.path.join(split_dir, name)} is a class that the train folder does not have: '
+                      f'rename or remove it (train classes: {", ".join(classes[:10])}{more})')
+    class_dir = os.path.join(split_dir, name)
+    files = _listdir(class_dir)
+    if not files:
+      raise UserError(f'class folder {class_dir} is empty: add its images or remove the folder')
+    for f in files:
+      path = os.path.join(class_dir, f)
+      if not f.lower().endswith(EXTENSIONS) or not os.path.isfile(path):
+        raise UserError(f'{path} is not a JPEG or PNG image (by its name): remove it, or convert it to '
+                        f'{"/".join(EXTENSIONS)}')
+      paths.append(path)
+      labels.append(label_of[name])
+  return classes, paths, np.asarray(labels, np.int32)
+
+
+def _sniff(paths: List[str]) -> Tuple[set, bool]:
+  """(set of (height, width), all grayscale) from the headers of (a spread of) `paths`; bad files -> error."""
+  from PIL import Image, UnidentifiedImageError
+  step = max(1, -(-len(paths) // SNIFF_LIMIT))
+  sizes, gray = set(), True
+  for path in paths[::step]:
+    try:
+      with Image.open(path) as im:
+        fmt, (w, h), mode = im.format, im.size, im.mode
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+      raise UserError(f'{path} is not a readable image ({e.__class__.__name__}: {str(e)[:120]}): '
+                      'remove or replace the file') from None
+    if fmt not in ('JPEG', 'PNG'):
+      raise UserError(f'{path} is a {fmt} image, not JPEG or PNG: convert or remove it')
+    sizes.add((h, w))
+    gray = gray and mode in _GRAYSCALE_MODES
+  return sizes, gray
+
+
+class FolderSource(sources.Source):
+  """Images in class folders, read as encoded bytes by path."""
+
+  def __init__(self, directory: str, eval_split: str = ''):
+    if not os.path.isdir(directory):
+      raise UserError(f'{setting("data_dir")}={directory} does not exist: point it at a folder with train/<class>/ '
+                      'and test/<class>/ image folders')
+    train_dir = os.path.join(directory, 'train')
+    if not os.path.isdir(train_dir):
+      raise UserError(f'{directory} has no train/ folder: lay the images out as {directory}/train/<class>/*.jpg '
+                      'and test/<class>/*.jpg (test may also be named validation or val)')
+    names = [eval_split] if eval_split else list(EVAL_DIRS)
+    eval_dir = next((os.path.join(directory, n) for n in names if os.path.isdir(os.path.join(directory, n))), None)
+    if eval_dir is None:
+      raise UserError(f'{directory} has no {" or ".join(n + "/" for n in names)} folder for evaluation: add one '
+                      f'(same class folders as train/), or name it with {setting("eval_split")}')
+    self.classes, train_paths, train_labels = _scan(train_dir)
+    _, eval_paths, eval_labels = _scan(eval_dir, self.classes)
+    self._files = {'train': (train_paths, train_labels), 'eval': (eval_paths, eval_labels)}
+    sizes, gray = _sniff(train_paths)
+    eval_sizes, eval_gray = _sniff(eval_paths)
+    self.channels = 1 if gray and eval_gray else 3
+    all_sizes = sizes | eval_sizes
+    self.image_shape = next(iter(all_sizes)) + (self.channels,) if len(all_sizes) == 1 else None
+    self.num_classes = len(self.classes)
+    self.description = f'folder:{directory} ({os.path.basename(eval_dir)}/ for eval)'
+
+  def num_examples(self, split: str) -> int:
+    return len(self._files[split][0])
+
+  def reader(self, split: str):
+    import tensorflow as tf
+    paths, labels = self._files[split]
+    paths_t, labels_t = tf.constant(paths), tf.constant(labels)
+    return lambda i: (tf.io.read_file(tf.gather(paths_t, i)), tf.gather(labels_t, i))
+
+  def name_of(self, split: str, index: int) -> str:
+    return self._files[split][0][index]
+
+
+def load(config) -> FolderSource:
+  if not config.data_dir:
+    raise UserError(f'{setting("data_source")}=folder needs {setting("data_dir")}=DIR with DIR/train/<class>/*.jpg '
+                    'and DIR/test/<class>/*.jpg')
+  return FolderSource(config.data_dir, config.get('eval_split', ''))

@@ -1,0 +1,190 @@
+"""TFDS datasets read by random access from their prepared files, never whole.
+
+Every TFDS image-classification dataset becomes a `Source` whose example `i` is one serialized record,
+parsed by TFDS's own feature spec inside the tf.data graph; the image stays encoded (JPEG/PNG bytes) until
+the preprocessor decodes it (`augment.py`), so a JPEG crop can use the fused decode-and-crop.
+
+Random access, so the same (seed, step, position) -> example guarantee holds as for folders and IDX:
+  - ArrayRecord (`file_format=array_record`): `builder.as_data_source` (raw bytes), TFDS's own reader.
+  - TFRecord (TFDS' default format, e.g. a `download_and_prepare` with default settings): an offset index,
+    built at start-up by reading each record's 12-byte header (one pass of seeks over the files, about a
+    second per 100k records on a local disk); each example is then one `pread`. The index holds 16 bytes
+    per example (20 MB for ImageNet's 1.28M), nothing else grows with the dataset.
+Example counts come from the files (or the data source), never from `info.splits` alone: under
+`tfds.testing.mock_data` that metadata is empty.
+"""
+
+import contextlib
+import os
+import struct
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from errors import UserError, first_line, setting
+from input_pipeline import sources
+
+_EVAL_SPLITS = ('test', 'validation')  # In this order; a test split without labels (label -1) is skipped.
+
+
+def builder(name: str, data_dir: str):
+  import tensorflow_datasets as tfds
+  try:
+    return tfds.builder(name, data_dir=data_dir or None)
+  except Exception as e:  # TFDS raises several types for unknown names.
+    if 'not found' in str(e).lower() or e.__class__.__name__ == 'DatasetNotFoundError':
+      raise UserError(f'unknown dataset {name!r}: TFDS has no such dataset; set --config.dataset to one of '
+                      f'{", ".join(sorted(sources.DATASETS))} or a TFDS dataset name') from None
+    raise
+
+
+def is_prepared(b) -> bool:
+  return os.path.isfile(os.path.join(b.data_dir, 'dataset_info.json'))
+
+
+class TFRecordIndex:
+  """Random access to the records of a list of (uncompressed) TFRecord files, in file order."""
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = list(paths)
+    files, offsets, lengths = [], [], []
+    for f, path in enumerate(self.paths):
+      size, pos = os.path.getsize(path), 0
+      with open(path, 'rb') as fh:
+        while pos < size:
+          header = fh.read(12)
+          if len(header) < 12:
+            raise UserError(f'{path} is truncated (a record header ends the file): prepare the dataset again')
+          length = struct.unpack('<Q', header[:8])[0]
+          if pos + 16 + length > size:
+            raise UserError(f'{path} is truncated (record at byte {pos} runs past the end of the file): '
+                            'prepare the dataset again')
+          files.append(f)
+          offsets.append(pos + 12)
+          lengths.append(length)
+          pos += 16 + length
+          fh.seek(pos)
+    self._file = np.asarray(files, np.int32)
+    self._offset = np.asarray(offsets, np.int64)
+    self._length = np.asarray(lengths, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._offset)
+
+  def file_of(self, i: int) -> str:
+    return self.paths[self._file[i]]
+
+  def __getitem__(self, i: int) -> bytes:
+    fd = os.open(self.paths[self._file[i]], os.O_RDONLY)
+    try:
+      return os.pread(fd, int(self._length[i]), int(self._offset[i]))
+    finally:
+      os.close(fd)
+
+
+def _records(b, split: str):
+  """Indexable serialized records of `split`: the TFRecord index if those files exist, else a data source."""
+  from tensorflow_datasets.core import file_adapters
+  from tensorflow_datasets.core.decode import base
+  info = b.info
+  if split in info.splits and info.file_format == file_adapters.FileFormat.TFRECORD:
+    paths = [os.fspath(p) for p in info.splits[split].filepaths]
+    if paths and all(os.path.isfile(p) for p in paths):
+      return TFRecordIndex(paths)
+  try:
+    return b.as_data_source(split, deserialize_method=base.DeserializeMethod.RAW_BYTES)
+  except Exception as e:  # Missing split, unsupported format: TFDS raises several types.
+    raise UserError(f'cannot read the {split!r} split of TFDS dataset {b.name!r} in {b.data_dir} '
+                    f'({e.__class__.__name__}: {first_line(e)[:200]}): prepare it again, or choose an existing '
+                    f'split with {setting("eval_split")} (splits: {", ".join(info.splits) or "unknown"})') from None
+
+
+class TfdsSource(sources.Source):
+  """A prepared TFDS image-classification dataset; `image` and `label` keys from its supervised keys."""
+
+  def __init__(self, b, eval_split: str = ''):
+    import tensorflow_datasets as tfds
+    info = b.info
+    self._features = info.features
+    self._image_key, self._label_key = info.supervised_keys or ('image', 'label')
+    image, label = self._features[self._image_key], self._features[self._label_key]
+    if not isinstance(image, tfds.features.Image) or not hasattr(label, 'num_classes'):
+      raise UserError(f'TFDS dataset {b.name!r} is not an image-classification dataset (its supervised keys are '
+                      f'{info.supervised_keys}): choose one whose examples are an image and a class label')
+    self._decoders = {self._image_key: tfds.decode.SkipDecoding()}
+    self.num_classes = label.num_classes
+    shape = tuple(image.shape)
+    self.channels = shape[-1] or 3
+    self.image_shape = shape if all(shape) else None
+    self.description = f'tfds:{b.data_dir}'
+    self._records = {'train': _records(b, 'train')}
+    self.eval_split = eval_split or self._default_eval_split(b)
+    self._records['eval'] = _records(b, self.eval_split)
+    for split, records in self._records.items():
+      if not len(records):
+        raise UserError(f'TFDS dataset {b.name!r} has an empty {split} split in {b.data_dir}: prepare it again '
+                        f'(`--config.download=True`) or {sources.how_to_get(b.name)}')
+
+  def _default_eval_split(self, b) -> str:
+    """`test`, or `validation` where the test split has no labels (imagenet2012) or does not exist."""
+    names = list(b.info.splits)
+    if not names:  # No split metadata (e.g. under tfds.testing.mock_data): TFDS' usual name.
+      return 'test'
+    for name in _EVAL_SPLITS:
+      if name in names and (name != 'test' or 'validation' not in names or self._labelled(b, name)):
+        return name
+    raise UserError(f'TFDS dataset {b.name!r} has no test or validation split (it has {", ".join(names)}): '
+                    f'choose one with {setting("eval_split")}')
+
+  def _labelled(self, b, split) -> bool:
+    first = self._features.deserialize_example(_records(b, split)[0], decoders=self._decoders)
+    return int(first[self._label_key]) >= 0
+
+  def num_examples(self, split: str) -> int:
+    return len(self._records[split])
+
+  def reader(self, split: str):
+    records = self._records[split]
+
+    def read(i):
+      serialized = tf.numpy_function(lambda j: np.bytes_(records[int(j)]), [i], tf.string, stateful=False)
+      example = self._features.deserialize_example(tf.ensure_shape(serialized, []), decoders=self._decoders)
+      return example[self._image_key], tf.cast(example[self._label_key], tf.int32)
+    return read
+
+  def name_of(self, split: str, index: int) -> str:
+    records = self._records[split]
+    where = f' in {records.file_of(index)}' if isinstance(records, TFRecordIndex) else ''
+    return f'record {index} of the {split} split ({self.eval_split if split == "eval" else "train"}){where}'
+
+
+@contextlib.contextmanager
+def _few_download_retries(retries: int = 3):
+  """TFDS retries each URL 10 times with exponential back-off: offline, that is 3.5 minutes of silence before
+  the error (measured). 3 retries still ride out a transient failure and fail offline within seconds."""
+  from tensorflow_datasets.core.download import downloader
+  saved = getattr(downloader, 'MAX_RETRIES', None)
+  if saved is not None:
+    downloader.MAX_RETRIES = min(saved, retries)
+  try:
+    yield
+  finally:
+    if saved is not None:
+      downloader.MAX_RETRIES = saved
+
+
+def load(config) -> TfdsSource:
+  name = config.dataset
+  b = builder(name, config.data_dir)
+  if not is_prepared(b):
+    if not config.download:
+      raise UserError(f'TFDS dataset {name!r} is not prepared in {b.data_dir} and downloads are off: '
+                      f'{sources.how_to_get(name)}')
+    try:
+      with _few_download_retries():
+        b.download_and_prepare()
+    except Exception as e:
+      raise UserError(f'could not download TFDS dataset {name!r} ({e.__class__.__name__}: {first_line(e)[:200]}): '
+                      f'check the network, or {sources.how_to_get(name)}') from None
+  return TfdsSource(b, config.get('eval_split', ''))
