@@ -180,6 +180,7 @@ def test_grad_accumulation_batch_must_split():
                   data=_data((8, 8, 1)))
 
 
+@pytest.mark.slow
 def test_ema_matches_hand_computation():
   data = _data((8, 8, 1))
   decay = 0.8
