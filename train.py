@@ -3,22 +3,29 @@
   python train.py --config=configs/default.py --workdir=/tmp/fmnist [--config.KEY=VALUE ...]
 
 Bad input (config, flags, data, checkpoints, topology) ends with one `error:` line and exit status 2;
-`--verbose` shows the traceback too.
+`--verbose` shows the traceback too. SIGTERM or Ctrl-C at any moment ends with one line and exit 0.
 """
 
 import os
 import sys
+import threading
+import time
+import traceback
 
 # Run from the checkout (the Flax examples' layout; nothing of ours is installed into site-packages): make
 # the checkout importable however this file is started (`python train.py`, runpy.run_path, another cwd).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from trainer import preemption  # noqa: E402  (no JAX: light)
+
+preemption.install()  # Before the heavy imports: a signal at any moment ends with one line, never exit 143.
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from errors import UserError  # noqa: E402
 from parallel import topology  # noqa: E402
-from trainer import cli, workdir  # noqa: E402
+from trainer import cli, reporting, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics.jsonl, TensorBoard events, plots.')
@@ -51,6 +58,7 @@ def main(argv):
     raise UserError('--config is required, e.g. --config=configs/default.py')
   if not FLAGS.workdir:
     raise UserError('--workdir is required: the directory for checkpoints and metrics')
+  reporting.quiet_library_logs(keep_tracebacks=FLAGS.verbose)
   from trainer import config_check  # Bad values fail here, before any device, process or file is touched.
   config_check.validate(FLAGS.config)
   workdir.check(FLAGS.workdir)
@@ -78,14 +86,31 @@ def _cpu_only() -> bool:
 
 def run():
   """app.run, with user errors printed as one line instead of a traceback."""
-  verbose = '--verbose' in sys.argv or '--verbose=true' in sys.argv
+  preemption.starting()
   try:
     app.run(main, flags_parser=lambda argv: cli.parse_flags(FLAGS, argv))
   except UserError as e:
-    if verbose:
-      raise
+    if cli.verbose(FLAGS, sys.argv):
+      traceback.print_exc()
     print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _exit(2)
+  except preemption.Stopped as e:
+    print(preemption.stopped_line(e), flush=True)
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+  """Exits with `code`; if a library thread (e.g. Orbax's, after a failed save) would block the interpreter's
+  shutdown forever, leaves without waiting for it."""
+  stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+  deadline = time.monotonic() + 2
+  for t in stuck:
+    t.join(timeout=max(deadline - time.monotonic(), 0))
+  if any(t.is_alive() for t in stuck):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 if __name__ == '__main__':

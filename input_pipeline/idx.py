@@ -5,6 +5,7 @@ Every way a file can be wrong (missing, truncated, bad magic, wrong shape, bad l
 """
 
 import gzip
+import math
 import os
 import zlib
 
@@ -14,6 +15,7 @@ from errors import UserError
 
 # IDX type codes -> numpy dtypes (big-endian on disk).
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
+MAX_NDIM = 4  # Images [N, H, W(, C)] and labels [N]: a larger count is a damaged or foreign header.
 
 SPLIT_FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
@@ -51,10 +53,13 @@ def read_idx(path: str) -> np.ndarray:
                     'check that --config.data_dir points at MNIST-format files')
   dtype, ndim = np.dtype(_DTYPES[data[2]]), data[3]
   header = 4 + 4 * ndim
+  if ndim > MAX_NDIM:
+    raise UserError(f'{path} declares {ndim} dimensions (magic number {data[:4].hex()}); MNIST-format files have 1 '
+                    f'to {MAX_NDIM}: the file is corrupt or not an IDX file, reinstall the dataset')
   if ndim == 0 or len(data) < header:
     raise UserError(f'{path} has a truncated IDX header: download or reinstall the dataset')
   shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
-  expected = int(np.prod(shape)) * dtype.itemsize
+  expected = math.prod(shape) * dtype.itemsize  # Python ints: a corrupt header cannot overflow int64.
   if len(data) - header != expected:
     raise UserError(f'{path} holds {len(data) - header} bytes of data but its header declares shape '
                     f'{shape} ({expected} bytes): the file is truncated or corrupt, reinstall the dataset')
@@ -70,6 +75,12 @@ def load_split(directory: str, split: str, num_classes: int, image_shape=None):
     raise UserError(f'{image_path} holds an array of shape {images.shape}, expected images [N, H, W]')
   if labels.ndim != 1:
     raise UserError(f'{label_path} holds an array of shape {labels.shape}, expected labels [N]')
+  if images.dtype.kind == 'f':
+    raise UserError(f'{image_path} holds {images.dtype.name} pixels; images must be integers 0..255 (IDX type '
+                    'uint8): convert the file, or check --config.data_dir')
+  if images.dtype != np.uint8 and images.size and (images.min() < 0 or images.max() > 255):
+    raise UserError(f'{image_path} holds pixel values in [{images.min()}, {images.max()}], outside 0..255: '
+                    'convert the file to uint8, or check --config.data_dir')
   if images.ndim == 3:
     images = images[..., None]
   if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):

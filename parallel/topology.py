@@ -5,8 +5,14 @@ read once, at start). Multi-process jobs use JAX's own runtime (`jax.distributed
 coordinator, or JAX's auto-detection on TPU pods and under Slurm.
 """
 
+import fcntl
+import json
 import os
+import re
 import socket
+import sys
+import tempfile
+import threading
 import time
 from typing import Optional
 
@@ -75,6 +81,76 @@ def _wait_for_coordinator(address: str, timeout_s: int) -> int:
       time.sleep(0.5)
 
 
+def _claim_process_id(address: str, process_id: int) -> None:
+  """Two processes of one job on this host with the same --process_id make JAX abort from C++ (no hook) as
+  they register: catch that before joining, with a lock the OS releases when its holder dies."""
+  name = re.sub(r'[^A-Za-z0-9_.-]', '_', address)
+  path = os.path.join(tempfile.gettempdir(), f'dptrain-{name}-process{process_id}.lock')
+  try:
+    f = open(path, 'a+')
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    raise UserError(f'another process on this host already runs as --process_id={process_id} of the job at '
+                    f'--coordinator_address={address}: give every process its own --process_id') from None
+  _held.append(f)
+
+
+_held = []  # Open lock files, held for the life of the process.
+
+
+def _check_port_free(bind_address: str) -> None:
+  """JAX crashes (SIGSEGV) when the coordinator's port is taken: check it can be bound first."""
+  host, _, port = bind_address.rpartition(':')
+  host = host.strip('[]')
+  try:
+    family, kind, proto, _, addr = socket.getaddrinfo(host or None, int(port), type=socket.SOCK_STREAM,
+                                                      flags=socket.AI_PASSIVE)[0]
+    with socket.socket(family, kind, proto) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # As gRPC does: a TIME_WAIT socket is no conflict.
+      s.bind(addr)
+  except OSError as e:
+    raise UserError(f'process 0 cannot listen at {bind_address} ({e.strerror or e}): the port is taken (another '
+                    'job still running, or another program) or the address is not this host\'s: choose a free '
+                    'port in --coordinator_address for every process') from None
+
+
+def _initialize_within(timeout_s: int, message: str, **kwargs) -> None:
+  """`jax.distributed.initialize`, but past `timeout_s` one `error:` line and exit 2: JAX itself aborts the
+  process from C++ (no exception, no hook) when its peers never register."""
+  import jax
+  done = threading.Event()
+
+  def watchdog():
+    if not done.wait(timeout_s):
+      print(f'error: {message}', file=sys.stderr, flush=True)
+      os._exit(2)
+
+  threading.Thread(target=watchdog, name='join-watchdog', daemon=True).start()
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout_s + 30, **kwargs)
+  finally:
+    done.set()
+
+
+def _compare_flags(num_processes: int, process_id: int, address: str, timeout_s: int) -> None:
+  """Right after joining: every process publishes its flags in the coordination service's key-value store and
+  checks its peers'. A mismatched --num_processes otherwise joins and trains on a wrong topology."""
+  from jax._src import distributed
+  client = distributed.global_state.client
+  mine = {'num_processes': num_processes, 'coordinator_address': address}
+  client.key_value_set(f'dptrain/flags/{process_id}', json.dumps(mine))
+  for peer in (range(1, num_processes) if process_id == 0 else (0,)):
+    try:
+      theirs = json.loads(client.blocking_key_value_get(f'dptrain/flags/{peer}', timeout_s * 1000))
+    except Exception as e:  # The peer left, or never published.
+      raise UserError(f'process {peer} did not report its flags within {timeout_s}s ({first_line(e)}): start every '
+                      'process of the job with the same flags') from None
+    for key, value in mine.items():
+      if theirs.get(key) != value:
+        raise UserError(f'the processes disagree: --{key}={value} here (process {process_id}) but '
+                        f'--{key}={theirs.get(key)} on process {peer}: start every process with the same --{key}')
+
+
 def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
                            process_id: Optional[int], timeout_s: int = 120, heartbeat_timeout_s: int = 30,
                            bind_address: Optional[str] = None) -> None:
@@ -94,17 +170,24 @@ def initialize_distributed(coordinator_address: Optional[str], num_processes: Op
                       f'use 0..{num_processes - 1}, a different one on each process')
     if num_processes == 1:
       return
-    if process_id != 0:  # JAX aborts the process (no exception) when the coordinator never answers.
+    _claim_process_id(coordinator_address, process_id)
+    bind = bind_address or coordinator_address
+    if process_id == 0:
+      _check_port_free(bind)
+    else:  # JAX aborts the process (no exception) when the coordinator never answers.
       timeout_s = _wait_for_coordinator(coordinator_address, timeout_s)
+    waiting_for = 'the other processes' if process_id == 0 else 'process 0 to accept it'
+    message = (f'could not join the {num_processes}-process job at {coordinator_address} within {timeout_s}s '
+               f'(waited for {waiting_for}): start all {num_processes} processes with the same --coordinator_address '
+               f'and --num_processes={num_processes}, each with its own --process_id (0..{num_processes - 1}); '
+               'check the firewall, or raise --distributed_timeout')
     try:
-      jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                 process_id=process_id, initialization_timeout=timeout_s,
-                                 heartbeat_timeout_seconds=heartbeat_timeout_s,
-                                 coordinator_bind_address=bind_address or coordinator_address)
-    except Exception as e:  # XlaRuntimeError / DEADLINE_EXCEEDED: the peers never showed up.
-      raise UserError(f'could not join the {num_processes}-process job at {coordinator_address} within '
-                      f'{timeout_s}s ({first_line(e)}): start every process with the same --coordinator_address '
-                      f'(reachable from all hosts, process 0 listens there) and check the firewall') from None
+      _initialize_within(timeout_s, message, coordinator_address=coordinator_address, num_processes=num_processes,
+                         process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout_s,
+                         coordinator_bind_address=bind)
+    except Exception as e:  # XlaRuntimeError: the RPC server did not start, the peers were refused.
+      raise UserError(f'{message} ({first_line(e)})') from None
+    _compare_flags(num_processes, process_id, coordinator_address, timeout_s)
   elif num_processes not in (None, 1) or process_id not in (None, 0):
     raise UserError('--num_processes/--process_id need --coordinator_address=HOST:PORT (process 0 listens there)')
   elif _cluster_detected():

@@ -23,9 +23,10 @@ def train_cmd(workdir, *args, config=TINY):
   return [sys.executable, os.path.join(ROOT, 'train.py'), f'--config={config}', f'--workdir={workdir}', *args]
 
 
-def run_train(workdir, *args, config=TINY, timeout=240) -> subprocess.CompletedProcess:
+def run_train(workdir, *args, config=TINY, timeout=240, **popen) -> subprocess.CompletedProcess:
+  """`popen`: more subprocess arguments (e.g. a `preexec_fn` that sets a resource limit)."""
   return subprocess.run(train_cmd(workdir, *args, config=config), cwd=ROOT, env=_env(), capture_output=True,
-                        text=True, timeout=timeout)
+                        text=True, timeout=timeout, **popen)
 
 
 def start_train(workdir, *args, config=TINY, log_path=None) -> subprocess.Popen:

@@ -26,6 +26,7 @@ VALUE_CASES = {  # --config.KEY=VALUE -> what the error line must say besides th
     'learning_rate=0': '> 0', 'learning_rate=-0.1': '> 0', 'learning_rate=nan': '> 0',
     'num_epochs=0': '>= 1', 'optimizer=lamb': 'sgd, adam, adamw', 'parallel_backend=dp': 'shard_map, pmap',
     'bn_mode=sync': 'global, local', 'dtype=float16': 'float32, bfloat16', 'model=resnet': 'cnn, mlp',
+    'seed=-1': '[0, 2**31)',
 }
 
 
@@ -77,9 +78,12 @@ def _bad_magic(d):
 
 
 def _hashes(root) -> dict:
+  """sha256 of every file under `root`, but the workdir lock (a run holds it, and leaves the empty file)."""
   out = {}
   for dirpath, _, files in os.walk(root):
     for f in files:
+      if f == '.lock':
+        continue
       with open(os.path.join(dirpath, f), 'rb') as fh:
         out[os.path.relpath(os.path.join(dirpath, f), root)] = hashlib.sha256(fh.read()).hexdigest()
   return out
@@ -122,6 +126,34 @@ def _syntax_error_config(ctx):
   return _run(ctx, 'syntax', config=path)
 
 
+def _config_missing_keys(ctx):
+  path = os.path.join(ctx.root, 'partial.py')
+  with open(path, 'w') as f:
+    f.write('import ml_collections\n\ndef get_config():\n  c = ml_collections.ConfigDict()\n  c.model = "mlp"\n'
+            '  c.batch_size = 64\n  return c\n')
+  return _run(ctx, 'partial', config=path)
+
+
+def _idx_header(d, stem, header: bytes, payload: bytes = b''):
+  """Replaces the (gzipped) IDX file `stem` in `d` with `header` + `payload`."""
+  with gzip.open(os.path.join(d, stem + '.gz'), 'wb') as f:
+    f.write(header + payload)
+
+
+def _idx_overflow(d):  # 4 dims of 0xFFFFFFFF: the byte count overflows int64 in numpy.
+  _idx_header(d, 'train-images-idx3-ubyte', bytes([0, 0, 8, 4]) + b'\xff' * 16)
+
+
+def _idx_many_dims(d):  # Magic 0x00000999: 153 dimensions.
+  _idx_header(d, 'train-images-idx3-ubyte', bytes([0, 0, 9, 0x99]) + b'\x00\x00\x00\x01' * 0x99)
+
+
+def _idx_float_images(d):
+  images = np.random.default_rng(0).random((256, 28, 28)).astype('>f4')
+  _idx_header(d, 'train-images-idx3-ubyte', bytes([0, 0, 0x0D, 3]) + b''.join(
+      n.to_bytes(4, 'big') for n in images.shape), images.tobytes())
+
+
 def _tfds_offline(ctx):
   empty = os.path.join(ctx.root, 'tfds_data')
   os.makedirs(empty)
@@ -143,6 +175,12 @@ CASES = {  # name -> fn(ctx); the slow chain first so that it overlaps everythin
     'config_bad_type': lambda c: _run(c, 'bad_type', '--config.batch_size=abc'),
     **{f'value:{kv}': (lambda kv: lambda c: _run(c, kv, f'--config.{kv}'))(kv) for kv in VALUE_CASES},
     'verbose': lambda c: _run(c, 'verbose', '--config.batch_size=0', '--verbose'),
+    'verbose_1': lambda c: _run(c, 'verbose_1', '--config.batch_size=0', '--verbose=1'),
+    'config_missing_keys': _config_missing_keys,
+    'idx_overflow': lambda c: _data(c, 'idx_overflow', _idx_overflow),
+    'idx_many_dims': lambda c: _data(c, 'idx_many_dims', _idx_many_dims),
+    'idx_float_images': lambda c: _data(c, 'idx_float_images', _idx_float_images),
+    'batch_larger_than_data': lambda c: _run(c, 'big_batch', f'--config.data_dir={c.data}', '--config.batch_size=512'),
     'batch_indivisible': lambda c: _run(c, 'indiv', f'--config.data_dir={c.data}', '--num_cpu_devices=3'),
     'eval_batch_indivisible': lambda c: _run(c, 'eval_indiv', f'--config.data_dir={c.data}', '--num_cpu_devices=4',
                                              '--config.eval_batch_size=50'),
@@ -265,7 +303,36 @@ def test_unknown_dataset(runs, case):
   _assert_refused(runs.result(case), "unknown dataset 'no_such_dataset'", 'fashion_mnist', '--config.dataset')
 
 
-@_case('verbose')
+@_case('config_missing_keys')
+def test_config_file_missing_keys(runs, case):
+  line = _assert_refused(runs.result(case), 'partial.py does not define', 'data_source', 'configs/default.py')
+  assert 'seed' in line and 'model,' not in line
+
+
+@_case('idx_overflow')
+def test_idx_dimension_product_overflows(runs, case):
+  _assert_refused(runs.result(case), 'train-images-idx3-ubyte.gz holds 0 bytes of data', '(4294967295, ', 'reinstall')
+
+
+@_case('idx_many_dims')
+def test_idx_absurd_number_of_dimensions(runs, case):
+  line = _assert_refused(runs.result(case), 'train-images-idx3-ubyte.gz declares 153 dimensions', '00000999')
+  assert len(line) < 400, line
+
+
+@_case('idx_float_images')
+def test_idx_float_images_refused(runs, case):
+  _assert_refused(runs.result(case), 'train-images-idx3-ubyte.gz holds float32 pixels', '0..255')
+
+
+@_case('batch_larger_than_data')
+def test_batch_larger_than_the_dataset_leaves_no_workdir(runs, case):
+  result = runs.result(case)
+  _assert_refused(result, '--config.batch_size=512', 'smaller batch')
+  assert not os.path.exists(result[2]), 'a refused run left its workdir behind'
+
+
+@_case('verbose', 'verbose_1')
 def test_verbose_shows_the_traceback(runs, case):
   proc = runs.result(case)[0]
   assert proc.returncode != 0
@@ -356,7 +423,7 @@ def test_tfds_not_prepared_offline(runs, case):
 def test_checkpoints_of_another_model(runs, case):
   proc, _, workdir, before = runs.result(case)
   line = _error_line(proc)
-  assert "another run" in line and "model 'mlp' (this run: 'cnn')" in line and 'new --workdir' in line, line
+  assert "another config: --config.model 'mlp' -> 'cnn'" in line and 'new --workdir' in line, line
   assert _hashes(workdir) == before, 'a refused run changed the workdir'
 
 

@@ -2,6 +2,8 @@
 
 import os
 import signal
+import socket
+import tempfile
 import time
 
 import pytest
@@ -79,3 +81,51 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir):
   assert len(steps) == 1 and steps[0] >= 16, steps
   for log in logs:
     assert f'Preempted: checkpoint saved at step {steps[0]}/' in open(log).read()
+
+
+def _refused(proc, log, *expected, limit):
+  """Exit 2 with one `error:` line (no abort, no traceback) within `limit` seconds."""
+  code = proc.wait(timeout=limit)
+  text = open(log).read()
+  assert code == 2, (code, text[-3000:])
+  assert 'Traceback' not in text and 'Fatal Python error' not in text and 'Check failure' not in text, text[-3000:]
+  lines = [l for l in text.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1, text[-3000:]
+  for e in expected:
+    assert e in lines[0], (e, lines[0])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_start_up_mistakes_give_one_line(tmp_path, data_dir):
+  """Old code: process 0 alone aborted ("another task died"), a taken port crashed (SIGSEGV), a mismatched
+  --num_processes trained on a wrong topology, a duplicate --process_id aborted every process."""
+  timeout = 6
+  started, t0 = {}, time.monotonic()
+
+  def start(name, *flags, port):
+    log = str(tmp_path / f'{name}.log')
+    started[name] = (harness.start_train(str(tmp_path / name.split('_')[0]), '--num_cpu_devices=2',
+                                         f'--config.data_dir={data_dir}', f'--coordinator_address=127.0.0.1:{port}',
+                                         f'--distributed_timeout={timeout}', *flags, log_path=log), log)
+
+  alone, mismatch, same, taken = (harness.free_port() for _ in range(4))
+  start('alone', '--num_processes=2', '--process_id=0', port=alone)
+  start('mismatch_0', '--num_processes=2', '--process_id=0', port=mismatch)
+  start('mismatch_1', '--num_processes=3', '--process_id=1', port=mismatch)
+  start('same_a', '--num_processes=2', '--process_id=1', port=same)
+  assert harness.wait_for(lambda: os.path.exists(os.path.join(tempfile.gettempdir(),
+                                                              f'dptrain-127.0.0.1_{same}-process1.lock')), timeout=60)
+  start('same_b', '--num_processes=2', '--process_id=1', port=same)
+  with socket.socket() as blocker:
+    blocker.bind(('127.0.0.1', taken))
+    blocker.listen()
+    start('taken', '--num_processes=2', '--process_id=0', port=taken)
+    _refused(*started['taken'], 'cannot listen at 127.0.0.1:', 'Address already in use', 'free port', limit=90)
+  _refused(*started['same_b'], '--process_id=1', 'own --process_id', limit=90)
+  _refused(*started['alone'], 'could not join the 2-process job', f'within {timeout}s', '--num_processes=2', limit=90)
+  for i, other in ((0, 3), (1, 2)):
+    _refused(*started[f'mismatch_{i}'], 'the processes disagree', f'on process {1 - i}', f'--num_processes={other}',
+             limit=90)
+  _refused(*started['same_a'], 'nobody listens', limit=90)
+  assert time.monotonic() - t0 < 120

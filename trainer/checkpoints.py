@@ -1,23 +1,44 @@
-"""Orbax checkpoints in `WORKDIR/checkpoints`: async saves, newest-valid resume, no pickle, nothing deleted.
+"""Orbax checkpoints in `WORKDIR/checkpoints`: async saves, verified restores, newest-valid resume, no pickle.
 
 Each step directory holds `state` (params, batch_stats, optimizer state, step, rng: the data position
-follows from the step) and `meta` (JSON fingerprint of model, dataset and shapes). Resume refuses a
-workdir whose checkpoints belong to another model/shape, and skips (and moves aside, never deletes) a
-latest checkpoint that cannot be read.
+follows from the step) and `meta` (JSON: fingerprint of model, dataset and shapes, plus a SHA-256 of the
+state's bytes). Resume refuses a workdir whose checkpoints belong to another model/shape, and moves aside
+(never deletes) a checkpoint that cannot be read or whose bytes no longer match their checksum.
+
+A save never fails quietly: a state with NaN/Inf is never written, and a save that fails (synchronously or
+in Orbax's background thread) stops the run with one `SaveFailed` line instead of training on.
 """
 
+import hashlib
 import os
 import shutil
 import time
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from absl import logging
+from jax.experimental import multihost_utils
 
-from errors import UserError
+from errors import UserError, first_line
+from trainer import workdir as workdir_lib
 from trainer.state import checkpoint_tree, from_checkpoint_tree
+
+CHECKSUM_KEY = 'state_sha256'
+
+
+class SaveFailed(UserError):
+  """A checkpoint could not be written: the run stops rather than train on a state it cannot keep."""
+
+
+class ChecksumMismatch(ValueError):
+  """A checkpoint's bytes differ from what was saved (bit rot, a damaged copy): set aside like an unreadable one."""
+
+
+class NotFinite(UserError):
+  """The state to save holds NaN or Inf (the loss may still have been finite)."""
 
 
 def fingerprint(config, state) -> dict:
@@ -26,6 +47,23 @@ def fingerprint(config, state) -> dict:
       {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
        'ema_params': state.ema_params})}  # No EMA: {} adds no entry, so fingerprints match older runs.
   return {'model': config.model, 'dataset': config.dataset, 'optimizer': config.optimizer, 'shapes': shapes}
+
+
+def checksum(state) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes, read on this host (the state is replicated)."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+    value = np.asarray(leaf.addressable_data(0)) if isinstance(leaf, jax.Array) else np.asarray(leaf)
+    h.update(f'{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};'.encode())
+    h.update(np.ascontiguousarray(value).tobytes())
+  return h.hexdigest()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """One fused reduction on the devices: True when every floating leaf is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _describe_mismatch(saved: dict, current: dict) -> str:
@@ -45,33 +83,81 @@ class Checkpoints:
   def __init__(self, workdir: str, keep: int, fp: dict):
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     self.fingerprint = fp
+    self.save_seconds = 0.0  # Host time spent in save() (checksum + starting the async write).
+    self._pending: Optional[int] = None  # A step whose async save was started but not yet confirmed.
+    workdir_lib.check_checkpoint_dir(self.directory, create=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
-    except (OSError, PermissionError) as e:
+    except OSError as e:
       raise UserError(f'cannot create {self.directory} ({e.__class__.__name__}: {e}): choose a writable '
                       '--workdir') from None
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def _failed(self, step, error: BaseException) -> SaveFailed:
+    detail = first_line(error, 10_000)  # The OS error (disk full, read-only) comes last in Orbax's messages.
+    detail = detail if len(detail) <= 160 else '...' + detail[-160:]
+    return SaveFailed(f'saving checkpoint {step} to {self.directory} failed ({error.__class__.__name__}: '
+                      f'{detail}): free disk space or make the directory writable, then rerun the same '
+                      'command (it resumes from the last complete checkpoint)')
+
   def save(self, state) -> None:
-    """Starts an async save of `state` at its step (a no-op if that step is already saved)."""
+    """Starts an async save of `state` at its step (a no-op if that step is already saved).
+
+    Raises `NotFinite` (nothing written) if any float leaf is NaN/Inf, and `SaveFailed` if this or the
+    previous save failed.
+    """
     step = int(jax.device_get(state.step))
+    if not bool(_all_finite((state.params, state.batch_stats, state.opt_state))):
+      raise NotFinite(f'step {step}')
+    self.settle()
     if step in self.manager.all_steps():
       return
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(checkpoint_tree(state)),
-                                                    meta=ocp.args.JsonSave(self.fingerprint)))
+    t = time.perf_counter()
+    meta = dict(self.fingerprint, **{CHECKSUM_KEY: checksum(state)})
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(checkpoint_tree(state)),
+                                                      meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # An unwritable directory, a full disk: stop here, never train on.
+      raise self._failed(step, e) from None
+    self.save_seconds += time.perf_counter() - t
+    self._pending = step
+
+  def settle(self) -> None:
+    """Waits for the save in flight; raises `SaveFailed` if it did not end as a complete checkpoint."""
+    step, self._pending = self._pending, None
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:
+      raise self._failed(step, e) from None
+    if step is not None:
+      self.manager.reload()  # Orbax logs and skips a background failure: check the step really is there.
+      if step not in self.manager.all_steps():
+        raise self._failed(step, RuntimeError('the background write did not complete (see the log above)'))
+
+  def poll(self) -> None:
+    """Cheap check between steps (single process): surfaces a failed background save at once."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.settle()
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self.settle()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Settles the last save, then stops Orbax's threads whatever happened (no hang at exit)."""
+    try:
+      self.settle()
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # Already reported by settle(); closing must not mask it.
+        logging.warning('Closing the checkpoint manager: %s', first_line(e))
 
   def restore_latest(self, template):
-    """The newest readable checkpoint restored into `template`'s structure and shardings, or None."""
+    """The newest readable, verified checkpoint restored into `template`'s structure and shardings, or None."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_tree(template))
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -79,17 +165,24 @@ class Checkpoints:
       except Exception as e:  # Unreadable metadata: treat as a damaged checkpoint.
         self._set_aside(step, e)
         continue
+      saved_sum = meta.pop(CHECKSUM_KEY, None) if isinstance(meta, dict) else None
       if meta != self.fingerprint:
         raise UserError(f'{self.directory} holds checkpoints of another run: step {step} has '
                         f'{_describe_mismatch(meta, self.fingerprint)}. They were left untouched: use a new '
                         '--workdir, or the config that wrote them')
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        state = from_checkpoint_tree(restored['state'])
+        if saved_sum is not None and checksum(state) != saved_sum:
+          raise ChecksumMismatch(f'its SHA-256 differs from the one recorded at save time ({saved_sum[:12]}...)')
       except Exception as e:
         self._set_aside(step, e)
         continue
+      if saved_sum is None:
+        logging.warning('Checkpoint %s/%d has no checksum (written by an older version): not verified.',
+                        self.directory, step)
       logging.info('Restored checkpoint %s/%d', self.directory, step)
-      return from_checkpoint_tree(restored['state'])
+      return state
     return None
 
   def _set_aside(self, step: int, error: Exception) -> None:
@@ -98,8 +191,8 @@ class Checkpoints:
     dst = os.path.join(os.path.dirname(self.directory), 'checkpoints_unreadable', f'{step}-{int(time.time())}')
     logging.warning('Checkpoint %s is unreadable (%s: %s); moving it to %s and trying an older one.',
                     src, error.__class__.__name__, str(error)[:200], dst)
-    print(f'WARNING: checkpoint {src} is unreadable ({error.__class__.__name__}); moved to {dst}, '
-          'resuming from the newest valid one', flush=True)
+    print(f'WARNING: checkpoint {src} is unreadable ({error.__class__.__name__}: {first_line(error, 100)}); '
+          f'moved to {dst}, resuming from the newest valid one', flush=True)
     if jax.process_index() == 0 and os.path.isdir(src):
       os.makedirs(os.path.dirname(dst), exist_ok=True)
       shutil.move(src, dst)

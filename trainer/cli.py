@@ -44,7 +44,32 @@ def parse_flags(flag_values, argv):
   if path and not isinstance(flag_values.config, ml_collections.ConfigDict):
     raise UserError(f'{path}: get_config() returned {type(flag_values.config).__name__}, not a ConfigDict: fix the '
                     'config file (see configs/default.py)')
+  if path:
+    _check_complete(path, flag_values.config)
   return rest
+
+
+def _check_complete(path: str, config) -> None:
+  """A config file must define every key of configs/default.py (the trainer reads them all)."""
+  from configs import default
+  missing = sorted(set(default.get_config().keys()) - set(config.keys()))
+  if missing:
+    raise UserError(f'{path} does not define {", ".join(missing)}: start from configs/default.py (copy it, or '
+                    '`from configs import default` and change fields of default.get_config())')
+
+
+def verbose(flag_values, argv) -> bool:
+  """--verbose as absl reads it (`--verbose`, `--verbose=1`, `--verbose=true`, ...), even when parsing failed."""
+  try:
+    return bool(flag_values.verbose)
+  except flags.Error:  # Not parsed: read argv the way absl would (the last occurrence wins).
+    value = False
+    for arg in argv:
+      if arg in ('--verbose', '--noverbose'):
+        value = arg == '--verbose'
+      elif arg.startswith('--verbose='):
+        value = arg.split('=', 1)[1].lower() in ('1', 'true', 't', 'yes', 'y')
+    return value
 
 
 def _config_path(argv) -> str:

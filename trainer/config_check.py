@@ -63,6 +63,9 @@ def validate(config) -> None:
           f'micro-batches: use a multiple of {accum}')
   if config.warmup_steps < 0:
     _fail('warmup_steps', config.warmup_steps, 'must be >= 0')
+  seed = config.seed
+  if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+    _fail('seed', seed, 'must be a whole number in [0, 2**31)')
   if not config.dataset or not isinstance(config.dataset, str):
     _fail('dataset', config.dataset, 'name a dataset, e.g. fashion_mnist')
   for key in ('image_size', 'data_threads'):

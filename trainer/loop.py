@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: build the job, then run it (resuming from the workdir)."""
 
 import collections
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 from absl import logging
@@ -9,20 +9,34 @@ from absl import logging
 from errors import UserError, setting
 from parallel import topology
 from trainer import checkpoints, hooks, job as job_lib, plots, reporting, utilization, workdir as workdir_lib
+from trainer import preemption as preemption_lib
 from trainer.profiling import Profiler
-from trainer.preemption import PreemptionWatcher
+
+# A step whose mean loss exceeds this factor x max(first step's loss, 1) has diverged, finite or not. Cross-
+# entropy starts near ln(classes) and a healthy run stays within a small multiple of that; 1e6x leaves every
+# legitimate spike far below (README, "Divergence").
+DIVERGENCE_FACTOR = 1e6
 
 
 class Diverged(UserError):
-  """The loss became NaN or Inf."""
+  """The loss (or the state) became NaN or Inf, or the loss grew without bound."""
+
+
+def diverged(what: str, last_checkpoint: str) -> Diverged:
+  return Diverged(f'{what}; {last_checkpoint}: lower {setting("learning_rate")} (or use '
+                  f'{setting("lr_schedule")}=warmup_cosine) and rerun')
 
 
 class _StepMetrics:
-  """Sums train metrics of finished steps; keeps at most `max_in_flight` steps queued on the devices."""
+  """Sums train metrics of finished steps; keeps at most `max_in_flight` steps queued on the devices.
 
-  def __init__(self, stepper, max_in_flight: int):
-    self._stepper, self._max = stepper, max_in_flight
+  `last_checkpoint()` says which checkpoint survives a divergence (for the error line).
+  """
+
+  def __init__(self, stepper, max_in_flight: int, last_checkpoint: Callable[[], str]):
+    self._stepper, self._max, self._last_checkpoint = stepper, max_in_flight, last_checkpoint
     self._pending = collections.deque()
+    self.first_loss = None
     self.reset()
 
   def reset(self):
@@ -41,9 +55,13 @@ class _StepMetrics:
     step, metrics = self._pending.popleft()
     m = self._stepper.metrics(metrics)  # Blocks on the oldest step: the in-flight bound.
     if not m['finite']:
-      raise Diverged(f'the training loss became NaN or Inf at step {step}; the last checkpoint before it is '
-                     f'intact: lower {setting("learning_rate")} (or use {setting("lr_schedule")}=warmup_cosine) '
-                     'and rerun')
+      raise diverged(f'the training loss became NaN or Inf at step {step}', self._last_checkpoint())
+    loss = float(m['loss_sum']) / max(float(m['count']), 1.0)
+    if self.first_loss is None:
+      self.first_loss = loss
+    elif loss > DIVERGENCE_FACTOR * max(self.first_loss, 1.0):
+      raise diverged(f'the training loss grew to {loss:.3g} at step {step}, over {DIVERGENCE_FACTOR:.0e} x its '
+                     f'first value {self.first_loss:.3g}: the run diverged', self._last_checkpoint())
     self.loss_sum += float(m['loss_sum'])
     self.correct += float(m['correct'])
     self.count += float(m['count'])
@@ -78,12 +96,16 @@ class Trainer:
     state = job.initial_state()
     self.ckpts = checkpoints.Checkpoints(workdir, self.config.keep_checkpoints,
                                          checkpoints.fingerprint(self.config, state))
+    if self.ckpts.latest_step() is not None:  # Before restoring: a refused config changes nothing.
+      workdir_lib.record_config(workdir, self.config, self.ckpts.latest_step())
     restored = self.ckpts.restore_latest(state)
     self.resumed = restored is not None
     self.state = job.stepper.to_device(restored if self.resumed else state)
     self.start_step = int(jax.device_get(self.state.step))
+    if not self.resumed:
+      workdir_lib.record_config(workdir, self.config, None)
     self.reporter = reporting.Reporter(workdir, self.config, self.is_main, self.start_step)
-    self.window = _StepMetrics(job.stepper, self.config.max_steps_in_flight)
+    self.window = _StepMetrics(job.stepper, self.config.max_steps_in_flight, self.last_checkpoint)
     self.speed = reporting.Throughput(self.start_step, job.total_steps, self.config.batch_size)
     self.final: Optional[dict] = None
     self.feed = None
@@ -122,7 +144,18 @@ class Trainer:
   def save(self, step: int) -> None:
     self.window.drain()  # Never checkpoint a state whose loss was not finite.
     self.state = self.job.stepper.sync_batch_stats(self.state)
-    self.ckpts.save(self.job.stepper.to_canonical(self.state))
+    try:
+      self.ckpts.save(self.job.stepper.to_canonical(self.state))
+    except checkpoints.NotFinite:
+      raise diverged(f'the parameters or optimizer state became NaN or Inf at step {step} (its loss was still '
+                     'finite), so it was not saved', self.last_checkpoint()) from None
+
+  def last_checkpoint(self) -> str:
+    """Which checkpoint a failed run leaves to resume from, for error lines."""
+    step = self.ckpts.latest_step()
+    if step is None:
+      return 'no checkpoint was written yet, so a rerun starts from scratch'
+    return f'the last checkpoint (step {step} in {self.ckpts.directory}) holds finite values'
 
   # --- the run ---------------------------------------------------------------------------------------------
   def log_start(self) -> None:
@@ -145,23 +178,28 @@ class Trainer:
                     self.is_main)
       self.final = {'step': self.start_step, 'epoch': self._epoch(self.start_step), **evaluate(job, self.state)}
       reporting.log(reporting.eval_line(self.final), self.is_main)
-    preemption = PreemptionWatcher()
+    preemption = preemption_lib.PreemptionWatcher()
+    poll = jax.process_count() == 1  # Multi-process: failed saves surface at the next save, on every process.
     self.feed = job.train_feed(self.start_step)
     try:
       for step in range(self.start_step + 1, total + 1):
         self.state, metrics = job.stepper.train_step(self.state, next(self.feed))
         self.window.push(step, metrics)
         self.speed.exclude(hooks.run_due(self.actions, step, total))
+        if poll:
+          self.ckpts.poll()
         if step < total and preemption.reached(step):
+          self.save(step)
+          self._close(preemption)
           return self._preempted(step)
-    finally:
-      self.feed.close()
-      self.profiler.close()
-      self.ckpts.close()
-      self.reporter.close()
-      preemption.close()
+    except BaseException:
+      self._close(preemption, failing=True)
+      raise
+    self._close(preemption)
     if self.is_main and self.config.plot and self.final is not None:
       logging.info('Learning curves: %s', plots.plot_learning_curves(self.workdir))
+    if preemption_lib.received():
+      print(f'{preemption_lib.received()} after the last step: the run is complete and saved.', flush=True)
     return self.final or {}
 
   def eval_only(self) -> dict:
@@ -179,11 +217,21 @@ class Trainer:
       self.ckpts.close()
       self.reporter.close()
 
+  def _close(self, preemption, failing: bool = False) -> None:
+    """Stops the feed, settles the last save and closes the writers; while failing, a second error from
+    closing is logged rather than hiding the first."""
+    preemption.close()
+    for close in (self.feed.close, self.profiler.close, self.ckpts.close, self.reporter.close):
+      try:
+        close()
+      except Exception as e:
+        if not failing:
+          raise
+        logging.warning('While stopping after an error: %s', e)
+
   def _preempted(self, step: int) -> dict:
-    self.save(step)
-    self.ckpts.wait()
-    total = self.job.total_steps
-    reporting.log(f'Preempted (SIGTERM): saved a checkpoint at step {step} of {total} in {self.ckpts.directory}; '
+    total, name = self.job.total_steps, preemption_lib.received() or 'SIGTERM'
+    reporting.log(f'Preempted ({name}): saved a checkpoint at step {step} of {total} in {self.ckpts.directory}; '
                   'run the same command to resume.', self.is_main)
     print(f'Preempted: checkpoint saved at step {step}/{total}; rerun the same command to resume.', flush=True)
     return {'preempted_at': step}
@@ -194,5 +242,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   latest checkpoint; returns the final eval metrics."""
   reporting.quiet_library_logs()
   job = job_lib.build(config)
+  if job.data.num_examples('eval') == 0:  # Here, not after all the training, at the first eval.
+    raise UserError(f'the test split of {job.data.description} is empty: evaluation needs test examples; point '
+                    f'{setting("data_dir")} at a complete dataset')
   workdir_lib.prepare(workdir)  # After the data: a failed start leaves no empty workdir behind.
+  workdir_lib.lock(workdir)
   return Trainer(job, workdir).run()

@@ -1,15 +1,20 @@
-"""What a run tells the user: log lines, `metrics.jsonl`, TensorBoard events, `config.json`.
+"""What a run tells the user: log lines, `metrics.jsonl`, TensorBoard events (`config.json`: `workdir.py`).
 
 Only process 0 writes. On resume, `metrics.jsonl` drops the lines past the restored step (they describe
-steps that are being redone), so the file always reads as one consistent run.
+steps that are being redone), so the file always reads as one consistent run; a torn line (a process killed
+mid-write) is dropped too, with a warning.
 """
 
 import json
 import logging as logging_std
 import os
+import sys
 import time
+from typing import Optional
 
 from absl import logging
+
+from errors import UserError
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -26,8 +31,9 @@ class Reporter:
     self._writer = None
     if not is_main:
       return
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+    if os.path.exists(self.path) and not os.path.isfile(self.path):
+      raise UserError(f'{self.path} is not a file: move it out of the way (the run appends its metrics there), '
+                      'or choose another --workdir')
     self._truncate_after(start_step)
     from clu import metric_writers  # TensorBoard event files.
     self._writer = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -35,8 +41,16 @@ class Reporter:
   def _truncate_after(self, step: int) -> None:
     if not os.path.exists(self.path):
       return
+    lines = []
     with open(self.path) as f:
-      lines = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= step]
+      for number, line in enumerate(f, 1):
+        try:
+          event = json.loads(line) if line.strip() else None
+        except ValueError:
+          logging.warning('%s line %d is not JSON (torn by a killed run?): dropped.', self.path, number)
+          continue
+        if isinstance(event, dict) and event.get('step', 0) <= step:
+          lines.append(line if line.endswith('\n') else line + '\n')
     tmp = self.path + '.tmp'
     with open(tmp, 'w') as f:
       f.writelines(lines)
@@ -97,17 +111,50 @@ def eval_line(event: dict) -> str:
 
 
 class _LibraryInfoFilter(logging_std.Filter):
-  """Drops INFO chatter of Orbax and TensorFlow (dozens of lines per checkpoint); warnings pass."""
+  """Drops INFO chatter of Orbax and TensorFlow (dozens of lines per checkpoint); warnings pass, without the
+  tracebacks they carry unless `keep_tracebacks` (--verbose): a failure the trainer reports as one `error:`
+  line (a failed save) must not also print a page of library traceback."""
+  keep_tracebacks = False
 
   def filter(self, record):
     noisy = any(f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'tensorflow', 'etils'))
+    if noisy and record.exc_info and not self.keep_tracebacks:
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= logging_std.WARNING or not noisy
 
 
-def quiet_library_logs() -> None:
-  logging_std.getLogger().addFilter(_LibraryInfoFilter())
-  for handler in logging_std.getLogger().handlers:
-    handler.addFilter(_LibraryInfoFilter())
+_FILTER = _LibraryInfoFilter()
+
+
+def _late_callback(kind, value) -> bool:
+  """After a failed save, tensorstore's C++ callbacks report (PyErr_Print / PyErr_WriteUnraisable) one 'Event
+  loop is closed' traceback per pending write: the save is reported as one line, so these only go to the log."""
+  if kind is RuntimeError and 'Event loop is closed' in str(value):
+    logging.debug('Late tensorstore callback after a failed save: %s', value)
+    return True
+  return False
+
+
+def _excepthook(kind, value, tb):
+  if not _late_callback(kind, value):
+    sys.__excepthook__(kind, value, tb)
+
+
+def _unraisablehook(unraisable):
+  if not _late_callback(unraisable.exc_type, unraisable.exc_value):
+    sys.__unraisablehook__(unraisable)
+
+
+def quiet_library_logs(keep_tracebacks: Optional[bool] = None) -> None:
+  """Installs the filter once (idempotent); `keep_tracebacks` (when given) sets whether library warnings keep
+  their tracebacks."""
+  if keep_tracebacks is not None:
+    _FILTER.keep_tracebacks = keep_tracebacks
+    if not keep_tracebacks and sys.excepthook is sys.__excepthook__:
+      sys.excepthook, sys.unraisablehook = _excepthook, _unraisablehook
+  for target in [logging_std.getLogger()] + logging_std.getLogger().handlers:
+    if _FILTER not in target.filters:
+      target.addFilter(_FILTER)
 
 
 def log(line: str, is_main: bool) -> None:

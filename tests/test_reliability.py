@@ -1,0 +1,275 @@
+"""Faults through the real entry point: failed saves, damaged checkpoints, NaN states, two runs on one workdir,
+config changes on resume, damaged workdir files, signals. Each ends with one line, never a hang or a traceback.
+
+Faults are injected without privileges: a file where a directory should be, `RLIMIT_FSIZE` (`ulimit -f`), a
+flipped bit, a read-only directory (skipped as root, who writes anyway).
+"""
+
+import glob
+import json
+import os
+import resource
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from input_pipeline import idx
+from tests import harness
+from tests.conftest import make_fake_mnist
+
+pytestmark = pytest.mark.slow
+DEVICES = '--num_cpu_devices=2'
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return make_fake_mnist(str(tmp_path_factory.mktemp('data')), num_train=512, num_test=100)
+
+
+def _args(data_dir, *extra):
+  return (DEVICES, f'--config.data_dir={data_dir}', *extra)
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory, data_dir):
+  """A workdir with checkpoints 4 and 8 of configs/tiny.py; tests copy it before changing anything."""
+  workdir = str(tmp_path_factory.mktemp('trained') / 'run')
+  proc = harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=8'))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def _copy(trained, tmp_path, name='run'):
+  return shutil.copytree(trained, str(tmp_path / name))
+
+
+def _one_error(proc, code=2) -> str:
+  """The contract of a refused or failed run: exit `code`, no traceback, exactly one `error:` line."""
+  out = proc.stdout + proc.stderr
+  assert 'Traceback' not in out and 'Fatal Python error' not in out, out[-3000:]
+  assert proc.returncode == code, (proc.returncode, out[-3000:])
+  lines = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  return lines[0]
+
+
+def _ok(proc):
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0 and 'Traceback' not in out, out[-3000:]
+  return out
+
+
+def _all_finite(state: dict) -> bool:
+  return all(np.all(np.isfinite(v)) for v in state.values() if v.dtype.kind == 'f')
+
+
+# --- 1. failed saves ------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_path_is_a_file_fails_at_start_up(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, 'checkpoints'), 'w') as f:
+    f.write('in the way')
+  line = _one_error(harness.run_train(workdir, *_args(data_dir), timeout=120))
+  assert f'{workdir}/checkpoints is a file' in line and 'choose another --workdir' in line, line
+  assert not os.path.exists(os.path.join(workdir, 'metrics.jsonl')), 'it trained before checking the path'
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes into read-only directories')
+def test_read_only_checkpoints_dir_fails_at_start_up(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  os.makedirs(os.path.join(workdir, 'checkpoints'))
+  os.chmod(os.path.join(workdir, 'checkpoints'), 0o555)
+  try:
+    line = _one_error(harness.run_train(workdir, *_args(data_dir), timeout=120))
+  finally:
+    os.chmod(os.path.join(workdir, 'checkpoints'), 0o755)
+  assert f'cannot write checkpoints to {workdir}/checkpoints' in line, line
+
+
+def _file_size_limit(limit_bytes):
+  def preexec():  # In the child: ignore SIGXFSZ so that an oversized write fails (EFBIG) instead of killing.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+  return preexec
+
+
+def test_save_failing_mid_run_stops_at_once_without_hanging(tmp_path, data_dir):
+  """`ulimit -f 100k`: the start-up probe passes, the first checkpoint's array file (~280 kB) cannot be
+  written. The old code trained on, printed dozens of tracebacks and hung at exit on Orbax's threads."""
+  workdir = str(tmp_path / 'run')
+  t0 = time.monotonic()
+  proc = harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=40'), timeout=150,
+                           preexec_fn=_file_size_limit(100_000))
+  line = _one_error(proc)
+  assert f'saving checkpoint 4 to {workdir}/checkpoints failed' in line and 'File too large' in line, line
+  assert 'free disk space' in line, line
+  steps = [e['step'] for e in harness.metrics(workdir) if e['kind'] == 'train']
+  assert max(steps) < 40, f'trained on to step {max(steps)} after the save failed'
+  assert harness.checkpoint_steps(workdir) == [], 'a failed save left a checkpoint that claims to be complete'
+  assert time.monotonic() - t0 < 150
+
+
+# --- 2. checksums ---------------------------------------------------------------------------------------------
+
+
+def test_flipped_bit_in_a_checkpoint_is_quarantined(tmp_path, trained, data_dir):
+  workdir = _copy(trained, tmp_path)
+  intact = harness.load_checkpoint(workdir, 8)
+  data_files = glob.glob(os.path.join(workdir, 'checkpoints', '8', 'state', 'ocdbt.process_0', 'd', '*'))
+  victim = max(data_files, key=os.path.getsize)  # The array payload, not an index.
+  with open(victim, 'r+b') as f:
+    f.seek(os.path.getsize(victim) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x10]))
+  proc = harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=8'))
+  _ok(proc)
+  ckpts = os.path.join(workdir, 'checkpoints')
+  assert f'checkpoint {ckpts}/8 is unreadable (ChecksumMismatch' in proc.stdout, proc.stdout[-2000:]
+  assert f'Restored checkpoint {ckpts}/4' in proc.stderr, proc.stderr[-2000:]
+  aside = os.listdir(os.path.join(workdir, 'checkpoints_unreadable'))
+  assert len(aside) == 1 and aside[0].startswith('8-'), aside
+  harness.assert_states_close(intact, harness.load_checkpoint(workdir, 8), atol=0)  # Redone from 4: identical.
+
+
+# --- 3. NaN never saved, 5. config changes on resume ------------------------------------------------------
+
+
+def test_non_finite_state_is_never_saved_and_a_lower_lr_resumes(tmp_path, trained, data_dir):
+  """lr=1e300 is inf in float32: step 9's loss is finite, its update is not. The old code saved that state."""
+  workdir = _copy(trained, tmp_path)
+  line = _one_error(harness.run_train(workdir, *_args(data_dir, '--config.learning_rate=1e300',
+                                                      '--config.num_train_steps=16', '--config.checkpoint_every_steps=1')))
+  assert 'NaN or Inf at step 9' in line and 'not saved' in line and 'last checkpoint (step 8' in line, line
+  assert harness.checkpoint_steps(workdir) == [4, 8]
+  assert _all_finite(harness.load_checkpoint(workdir, 8))
+  # The documented recovery, a lower learning rate, is an allowed change: recorded in the history and the log.
+  out = _ok(harness.run_train(workdir, *_args(data_dir, '--config.learning_rate=0.01', '--config.num_train_steps=12')))
+  assert 'resuming at step 8' in out and harness.checkpoint_steps(workdir)[-1] == 12
+  assert 'Config changed on resume at step 8' in out and 'learning_rate 1e+300 -> 0.01' in out, out[-2000:]
+  with open(os.path.join(workdir, 'config_history.jsonl')) as f:
+    history = [json.loads(l) for l in f]
+  assert [h['step'] for h in history] == [8, 8], history  # The failed run's change, then the recovery's.
+  assert history[0]['changes']['learning_rate'] == {'from': 0.05, 'to': 1e300}
+  assert history[1]['changes']['learning_rate'] == {'from': 1e300, 'to': 0.01}
+  assert history[1]['changes']['num_train_steps'] == {'from': 16, 'to': 12}
+  assert json.load(open(os.path.join(workdir, 'config.json')))['learning_rate'] == 0.01
+
+
+def test_non_finite_state_before_any_checkpoint_does_not_claim_one(tmp_path, data_dir):
+  line = _one_error(harness.run_train(str(tmp_path / 'run'), *_args(data_dir, '--config.learning_rate=1e300')))
+  assert 'NaN or Inf at step' in line and 'no checkpoint was written yet' in line and 'intact' not in line, line
+
+
+def test_loss_growing_without_bound_stops_the_run(tmp_path, data_dir):
+  """lr=100: the loss climbs to ~1e15 and stays finite; the old code ended with exit 0."""
+  line = _one_error(harness.run_train(str(tmp_path / 'run'), *_args(data_dir, '--config.learning_rate=100')))
+  assert 'the run diverged' in line and '--config.learning_rate' in line, line
+
+
+def test_resume_refuses_a_change_of_the_data_stream_or_model(tmp_path, trained, data_dir):
+  workdir = _copy(trained, tmp_path)
+  before = {f: open(os.path.join(workdir, f)).read() for f in ('config.json', 'metrics.jsonl')}
+  line = _one_error(harness.run_train(workdir, *_args(data_dir, '--config.seed=1', '--config.batch_size=32',
+                                                      '--config.num_train_steps=8')))
+  assert '--config.seed 0 -> 1' in line and '--config.batch_size 64 -> 32' in line and 'new --workdir' in line, line
+  assert {f: open(os.path.join(workdir, f)).read() for f in before} == before
+  assert harness.checkpoint_steps(workdir) == [4, 8]
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints_unreadable'))
+
+
+# --- 4. one run per workdir; 5/6. what a killed run leaves must not block the resume ------------------------
+
+
+def test_second_run_on_a_busy_workdir_is_refused_and_a_killed_run_resumes(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  first = harness.start_train(workdir, *_args(data_dir, '--config.num_train_steps=100000'),
+                              log_path=str(tmp_path / 'first.log'))
+  try:
+    assert harness.wait_for(lambda: harness.checkpoint_steps(workdir) or first.poll() is not None, timeout=180)
+    assert first.poll() is None, open(tmp_path / 'first.log').read()[-3000:]
+    before = open(os.path.join(workdir, 'config.json')).read()
+    line = _one_error(harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=8'), timeout=120))
+    assert f'--workdir={workdir} is in use by another run (pid {first.pid} ' in line, line
+    assert first.poll() is None and open(os.path.join(workdir, 'config.json')).read() == before
+  finally:
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  last = harness.checkpoint_steps(workdir)[-1]
+  with open(os.path.join(workdir, 'metrics.jsonl'), 'a') as f:
+    f.write('{"kind": "train", "step": 99, "train_lo')  # Killed mid-write.
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write('{"seed": 0, "bat')
+  out = _ok(harness.run_train(workdir, *_args(data_dir, f'--config.num_train_steps={last + 4}')))
+  assert f'resuming at step {last}' in out  # The OS released the dead run's lock.
+  assert 'is not JSON (torn by a killed run?)' in out
+  assert 'config.json is unreadable' in out  # A warning: the checkpoints' own fingerprint guards the resume.
+  steps = [(e['kind'], e['step']) for e in harness.metrics(workdir)]
+  assert len(steps) == len(set(steps)) and steps[-1] == ('eval', last + 4), steps
+
+
+def test_metrics_file_that_is_a_directory(tmp_path, trained, data_dir):
+  workdir = _copy(trained, tmp_path)
+  os.remove(os.path.join(workdir, 'metrics.jsonl'))
+  os.makedirs(os.path.join(workdir, 'metrics.jsonl'))
+  line = _one_error(harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=12')))
+  assert f'{workdir}/metrics.jsonl is not a file' in line, line
+  assert harness.checkpoint_steps(workdir) == [4, 8]
+
+
+def test_empty_test_split_is_refused_before_training(tmp_path):
+  data = make_fake_mnist(str(tmp_path / 'data'), num_train=256, num_test=1)
+  for stem in idx.SPLIT_FILES['test']:
+    os.remove(os.path.join(data, stem + '.gz'))
+  idx.write_idx(os.path.join(data, idx.SPLIT_FILES['test'][0] + '.gz'), np.zeros((0, 28, 28), np.uint8))
+  idx.write_idx(os.path.join(data, idx.SPLIT_FILES['test'][1] + '.gz'), np.zeros(0, np.uint8))
+  workdir = str(tmp_path / 'run')
+  line = _one_error(harness.run_train(workdir, *_args(data), timeout=120))
+  assert 'test split' in line and 'is empty' in line and '--config.data_dir' in line, line
+  assert not os.path.exists(workdir)
+
+
+# --- 9. signals -----------------------------------------------------------------------------------------------
+
+
+def test_sigterm_during_start_up_exits_zero_with_one_line(tmp_path, data_dir):
+  """Old code: exit -15 (143 in a shell), no message."""
+  for name, wait in (('imports', lambda wd: time.sleep(1.5) or True),  # Python runs, JAX is being imported.
+                     ('setup', lambda wd: os.path.exists(os.path.join(wd, '.lock')))):
+    workdir = str(tmp_path / name)
+    log = str(tmp_path / f'{name}.log')
+    proc = harness.start_train(workdir, *_args(data_dir), log_path=log)
+    assert harness.wait_for(lambda: wait(workdir) or proc.poll() is not None, timeout=120)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, open(log).read()[-3000:]
+    text = open(log).read()
+    assert 'Traceback' not in text, text[-3000:]
+    assert 'Stopped (SIGTERM) during start-up' in text or 'Preempted: checkpoint saved at step 1/' in text, text[-2000:]
+
+
+def test_ctrl_c_saves_and_exits_zero_and_a_second_one_exits_at_once(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  args = _args(data_dir, '--config.num_train_steps=100000', '--config.checkpoint_every_steps=1000')
+  log = str(tmp_path / 'int.log')
+  proc = harness.start_train(workdir, *args, log_path=log)
+  assert harness.wait_for(lambda: any(e['step'] >= 8 for e in harness.metrics(workdir)) or proc.poll() is not None)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=60) == 0, open(log).read()[-3000:]
+  text = open(log).read()
+  steps = harness.checkpoint_steps(workdir)
+  assert 'Traceback' not in text and len(steps) == 1 and f'Preempted: checkpoint saved at step {steps[0]}/' in text
+  log2 = str(tmp_path / 'int2.log')
+  proc = harness.start_train(workdir, *args, log_path=log2)
+  assert harness.wait_for(lambda: any(e['step'] >= steps[0] + 8 for e in harness.metrics(workdir))
+                          or proc.poll() is not None)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=10) == 130, open(log2).read()[-3000:]
+  text = open(log2).read()
+  assert 'Second Ctrl-C: exiting at once' in text and 'Traceback' not in text, text[-2000:]
