@@ -23,17 +23,7 @@ import numpy as np
 import optax
 
 from models.cnn import CNN
-
-
-def cost_flops(compiled) -> float:
-  """Flops of one compiled executable from XLA's cost analysis (a dict, or a list of dicts in some versions).
-
-  For an SPMD (shard_map/jit) or pmap executable this is one device's program: multiply by the devices.
-  """
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    return float(sum(c.get('flops', 0.0) for c in cost if c))
-  return float((cost or {}).get('flops', 0.0))
+from trainer.utilization import cost_flops
 
 
 def make_steps(model, tx):

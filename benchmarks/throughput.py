@@ -1,12 +1,15 @@
 """Training throughput of the real step, pipeline and feed, per backend x device count x global batch.
 
   python -m benchmarks.throughput [--quick] [--backends=shard_map,pmap] [--devices=1,2,4,8] [--batches=128,512]
+                                  [--models=cnn,resnet18,vit_ti]
 
 Every row builds the default recipe (configs/default.py: the CNN, SGD lr 0.01 momentum 0.99) with
 `trainer.job.build` (the trainer's own job builder), compiles its step, and feeds it real Fashion-MNIST batches through
 `input_pipeline.pipeline.train_dataset` and `input_pipeline.device_feed.Prefetcher`, with the trainer's bound
 on steps in flight (block on the metrics of the step `max_steps_in_flight` back, as trainer/loop.py does).
 The `reference` rows run benchmarks/reference_loop.py: the plain single-device tutorial loop.
+`--models` adds zoo rows (default: `cnn` only): `resnet18` (small stem) and `vit_ti` (patch 4) on generated
+32x32x3 images, 10 classes, the default recipe's optimizer; their backend cell reads `shard_map:resnet18`.
 
 Each device count runs in its own process that simulates exactly that many CPU devices, as the trainer
 does (measured: a 2-device mesh inside an 8-device process runs ~20% slower than in a 2-device one).
@@ -53,6 +56,25 @@ QUICK = {'backends': 'shard_map', 'devices': '1,2', 'batches': '128', 'warmup_s'
          'windows': 3}
 
 
+# --models name -> (config overrides, image shape or None for the real Fashion-MNIST).
+MODEL_ROWS = {
+    'cnn': ({}, None),
+    'resnet18': ({'model': 'resnet18', 'stem': 'small'}, (32, 32, 3)),
+    'vit_ti': ({'model': 'vit_ti', 'patch_size': 4}, (32, 32, 3)),
+}
+
+
+def _generated(shape, n=2048):
+  """Random uint8 images of `shape`, 10 classes: model rows measure speed, not learning."""
+  import numpy as np
+
+  from input_pipeline import sources
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (n,) + shape).astype(np.uint8)
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  return sources.InMemoryDataset(images, labels, images[:256], labels[:256], num_classes=10, source='generated')
+
+
 def _ints(text: str):
   return [int(x) for x in text.split(',') if x.strip()]
 
@@ -77,6 +99,7 @@ def parse_args(argv):
   p.add_argument('--warmup_s', type=float, help='seconds of warm-up steps after compile')
   p.add_argument('--window_s', type=float, help='target seconds per timed window')
   p.add_argument('--windows', type=int, help='timed windows per row (the median is reported)')
+  p.add_argument('--models', default='cnn', help=f'comma list of {",".join(MODEL_ROWS)} (default cnn)')
   p.add_argument('--json', help='write every row, window and machine detail as one JSON object to this file')
   args = p.parse_args(argv)
   defaults = QUICK if args.quick else FULL
@@ -84,6 +107,9 @@ def parse_args(argv):
     if getattr(args, key) is None:
       setattr(args, key, value)
   args.backends, args.devices, args.batches = _names(args.backends), _ints(args.devices), _ints(args.batches)
+  args.models = _names(args.models)
+  if not args.models or any(m not in MODEL_ROWS for m in args.models):
+    p.error(f'--models: use names from {",".join(MODEL_ROWS)}')
   bad = [b for b in args.backends if b not in ('shard_map', 'pmap')]
   if bad:
     p.error(f'unknown backend(s) {bad}: use shard_map and/or pmap')
@@ -191,11 +217,12 @@ def matmul_peak(n: int = 2048, reps: int = 7, quick: bool = False) -> dict:
 _INITIAL = {}
 
 
-def _config(backend: str, batch: int):
+def _config(backend: str, batch: int, model: str = 'cnn'):
   from configs import default
   config = default.get_config()
   config.batch_size = batch
   config.parallel_backend = backend
+  config.update(MODEL_ROWS[model][0])
   return config
 
 
@@ -216,18 +243,22 @@ def canonical_state(data):
   return _INITIAL['state']
 
 
-def bench_row(backend: str, k: int, batch: int, data, timing) -> dict:
+def bench_row(backend: str, k: int, batch: int, data, timing, model: str = 'cnn') -> dict:
   """One row: the trainer's own job (`trainer.job.build`) on the first `k` devices, fed by its train feed."""
   import jax
 
   from parallel import mesh as mesh_lib
   from trainer import job as job_lib
 
-  job = job_lib.build(_config(backend, batch), mesh=mesh_lib.make_mesh(num_devices=k), data=data)
-  state = job.stepper.to_device(jax.device_put(canonical_state(data), mesh_lib.replicated(job.mesh)))
+  shape = MODEL_ROWS[model][1]
+  data = data if shape is None else _generated(shape)
+  job = job_lib.build(_config(backend, batch, model), mesh=mesh_lib.make_mesh(num_devices=k), data=data)
+  init = canonical_state(data) if model == 'cnn' else job.initial_state()
+  state = job.stepper.to_device(jax.device_put(init, mesh_lib.replicated(job.mesh)))
   feed = job.train_feed(0, num_steps=10 ** 7)  # Lazy: only what is taken is made.
+  label = backend if model == 'cnn' else f'{backend}:{model}'
   try:
-    return _timed_steps(job.stepper, state, feed, backend, k, batch, job.config.max_steps_in_flight, timing)
+    return _timed_steps(job.stepper, state, feed, label, k, batch, job.config.max_steps_in_flight, timing)
   finally:
     feed.close()  # The Prefetcher's background thread would outlive the row otherwise.
 
@@ -235,7 +266,7 @@ def bench_row(backend: str, k: int, batch: int, data, timing) -> dict:
 def _timed_steps(stepper, state, feed, backend: str, k: int, batch: int, max_in_flight: int, timing) -> dict:
   import jax
 
-  from benchmarks.reference_loop import cost_flops
+  from trainer.utilization import cost_flops
 
   t = time.perf_counter()
   first = next(feed)
@@ -364,13 +395,14 @@ def main(argv=None) -> int:
           quiet(f'  skip {backend} dev={k} batch={batch}: ' +
                 ('too few devices' if k > jax.device_count() else 'batch does not split'))
           continue
-        try:
-          finish(bench_row(backend, k, batch, data, args))
-        except Exception as e:  # One broken row (a stuck collective, say) must not lose the others.
-          quiet(f'  {backend} dev={k} batch={batch} failed: {e.__class__.__name__}: {str(e)[:300]}')
-          rows.append({'backend': backend, 'devices': k, 'batch': batch, 'error': f'{e.__class__.__name__}: {e}'[:500],
-                       'images_per_s_windows': []})
-        gc.collect()
+        for model in args.models:
+          try:
+            finish(bench_row(backend, k, batch, data, args, model))
+          except Exception as e:  # One broken row (a stuck collective, say) must not lose the others.
+            quiet(f'  {backend} {model} dev={k} batch={batch} failed: {e.__class__.__name__}: {str(e)[:300]}')
+            rows.append({'backend': backend, 'devices': k, 'batch': batch,
+                         'error': f'{e.__class__.__name__}: {e}'[:500], 'images_per_s_windows': []})
+          gc.collect()
 
   peak_end = matmul_peak(reps=3 if args.quick else 7, quick=args.quick)
   quiet('float32 matmul 2048^3 GFLOP/s at the end: ' + ', '.join(f'{k} {v:.1f}' for k, v in peak_end.items()))

@@ -29,8 +29,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.std = (0.229, 0.224, 0.225)
   c.data_threads = 0              # host threads that read, decode and augment; 0 = one per core
   # Model (models/).
-  c.model = 'cnn'                 # cnn | mlp
+  c.model = 'cnn'                 # cnn | mlp | resnet18 | resnet34 | resnet50 | vit_ti | vit_s
   c.dtype = 'float32'             # compute dtype: float32 | bfloat16 (params and optimizer stay float32)
+  c.stem = 'auto'                 # ResNet stem: auto (small for images <= 64 px) | imagenet | small
+  c.resnet_width = 64             # ResNet channels of the first stage (doubled per stage)
+  c.resnet_stages = ''            # ResNet blocks per stage, e.g. '1,1,1'; '' = the model's standard depth
+  c.patch_size = 16               # ViT patch size (16 at 224 px, 4 at 28/32 px)
+  c.vit_depth = 0                 # ViT encoder blocks; 0 = the model's standard 12
   # Optimisation.
   c.batch_size = 128              # global, over all devices and processes
   c.eval_batch_size = 1000        # global; the last test batch is padded and masked
@@ -40,9 +45,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.learning_rate = 0.01
   c.momentum = 0.99
   c.nesterov = False
-  c.weight_decay = 0.0            # adamw only
+  c.weight_decay = 0.0            # sgd (L2 added to the gradient) and adamw (decoupled); kernels only
+  c.lr_per_256 = False            # learning_rate is per 256 images: peak LR = learning_rate * batch_size / 256
   c.lr_schedule = 'cosine'        # constant | cosine | warmup_cosine
   c.warmup_steps = 0
+  c.label_smoothing = 0.0         # 0 = plain cross-entropy
+  c.ema_decay = 0.0               # EMA of the params (checkpointed; eval uses it); 0 = off
+  c.grad_accum_steps = 1          # micro-batches per optimizer step; batch_size is the whole (global) batch
   c.seed = 0
   # Parallelism (parallel/).
   c.parallel_backend = 'shard_map'  # shard_map | pmap
@@ -55,4 +64,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.plot = True                   # learning-curves PNG at the end
+  c.profile_steps = 0             # trace N steps (after the first compiled one) into WORKDIR/profile; 0 = off
+  c.eval_only = False             # evaluate the newest checkpoint and exit: no training, no checkpoint written
   return c

@@ -5,16 +5,19 @@ Adding a model is one entry here plus its module. An entry is a builder `(config
 reduces over, or None). A builder reads any model-specific config fields it needs.
 """
 
+import functools
 from typing import Callable, Dict
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import cnn, mlp
+from models import cnn, mlp, resnet, vit
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
     'cnn': lambda config, **kw: cnn.CNN(**kw),
     'mlp': lambda config, **kw: mlp.MLP(**kw),
+    **{name: functools.partial(resnet.build, name) for name in resnet.DEPTHS},
+    **{name: functools.partial(vit.build, name) for name in vit.SIZES},
 }
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}

@@ -15,6 +15,7 @@ Every step is one compiled dispatch (forward, backward, optimizer, BN update, me
 state's buffers donated.
 """
 
+import dataclasses
 import functools
 from typing import Callable, Dict, Optional
 
@@ -33,41 +34,106 @@ from trainer.state import TrainState
 BN_MODES: Dict[str, Optional[str]] = {'global': AXIS, 'local': None}
 
 
-def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool):
-  """One device's step. `batch` holds this device's rows; all reductions go over AXIS."""
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """Recipe options that live inside the compiled step (config fields of the same names)."""
+  label_smoothing: float = 0.0
+  grad_accum_steps: int = 1
+  ema_decay: float = 0.0
+
+  @classmethod
+  def from_config(cls, config) -> 'StepOptions':
+    return cls(config.label_smoothing, config.grad_accum_steps, config.ema_decay)
+
+
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Per-example cross-entropy with integer labels; `label_smoothing` mixes the one-hot target with uniform."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def micro_batches(batch, k: int):
+  """[n, ...] -> [k, n/k, ...] with micro-batch j = rows i where i % k == j.
+
+  Strided, not contiguous: a device's rows start at a multiple of k (the global batch divides by
+  k x devices), so micro-batch j holds the global rows g with g % k == j on every topology, and its global
+  BatchNorm statistics are the same on 1 device and on 8.
+  """
+  return jax.tree.map(lambda x: x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def ema_update(ema, params, decay: float):
+  """One EMA step: decay * ema + (1 - decay) * params."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool, opts: StepOptions):
+  """One device's step. `batch` holds this device's rows; all reductions go over AXIS.
+
+  With `grad_accum_steps` = k the rows are k micro-batches (`micro_batches`), run one after the other by
+  `lax.scan` (BatchNorm statistics per micro-batch, running averages updated k times); their mean gradient
+  is all-reduced once.
+  """
   batch_stats = jax.tree.map(lambda x: x[0], state.batch_stats) if local_bn else state.batch_stats
-  images, labels = batch['image'], batch['label']
+  labels = batch['label']
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
 
-  def loss_fn(params):
-    logits, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=True,
-                                  mutable=['batch_stats'], rngs={'dropout': rng})
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    return loss, (logits, updates['batch_stats'])
+  def grads_of(stats, micro, key):
+    def loss_fn(params):
+      logits, updates = model.apply({'params': params, 'batch_stats': stats}, micro['image'], train=True,
+                                    mutable=['batch_stats'], rngs={'dropout': key})
+      loss = cross_entropy(logits, micro['label'], opts.label_smoothing).mean()
+      return loss, (logits, updates['batch_stats'])
 
-  (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    m = micro['label'].shape[0]
+    return new_stats, grads, loss * m, jnp.sum(jnp.argmax(logits, -1) == micro['label'])
+
+  k = opts.grad_accum_steps
+  if k == 1:
+    new_stats, grads, loss_sum, correct = grads_of(batch_stats, batch, rng)
+  else:
+    def accumulate(carry, xs):
+      stats, grad_sum, loss_sum, correct = carry
+      j, micro = xs
+      stats, grads, micro_loss, micro_correct = grads_of(stats, micro, jax.random.fold_in(rng, j))
+      return (stats, jax.tree.map(jnp.add, grad_sum, grads), loss_sum + micro_loss, correct + micro_correct), None
+
+    init = (batch_stats, jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
+            jnp.zeros((), jnp.int32))
+    (new_stats, grad_sum, loss_sum, correct), _ = lax.scan(accumulate, init, (jnp.arange(k), micro_batches(batch, k)))
+    grads = jax.tree.map(lambda g: g / k, grad_sum)
   grads = lax.pmean(grads, AXIS)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  ema_params = ema_update(state.ema_params, params, opts.ema_decay) if opts.ema_decay else state.ema_params
   if local_bn:
     new_stats = jax.tree.map(lambda x: x[None], new_stats)
-  n = labels.shape[0]
-  metrics = {'loss_sum': lax.psum(loss * n, AXIS),
-             'correct': lax.psum(jnp.sum(jnp.argmax(logits, -1) == labels), AXIS),
-             'count': lax.psum(n, AXIS),
-             'finite': lax.pmin(jnp.isfinite(loss).astype(jnp.int32), AXIS)}
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state)
+  metrics = {'loss_sum': lax.psum(loss_sum, AXIS),
+             'correct': lax.psum(correct, AXIS),
+             'count': lax.psum(labels.shape[0], AXIS),
+             'finite': lax.pmin(jnp.isfinite(loss_sum).astype(jnp.int32), AXIS)}
+  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
+                            ema_params=ema_params)
   return new_state, metrics
 
 
-def _eval_body(state: TrainState, batch, *, model):
-  """Sums (not means) of loss, correct predictions and real examples; padded rows have mask 0."""
-  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
-  mask = batch['mask']
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label'])
-  return {'loss_sum': lax.psum(jnp.sum(losses * mask), AXIS),
-          'correct': lax.psum(jnp.sum((jnp.argmax(logits, -1) == batch['label']) * mask), AXIS),
+def _eval_body(state: TrainState, batch, *, model, use_ema: bool = False):
+  """Sums (not means) of loss, correct predictions (top-1, and top-5 with more than 5 classes) and real
+  examples; padded rows have mask 0. With `use_ema` the EMA params are evaluated."""
+  params = state.ema_params if use_ema else state.params
+  logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
+  mask, labels = batch['mask'], batch['label']
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  sums = {'loss_sum': lax.psum(jnp.sum(losses * mask), AXIS),
+          'correct': lax.psum(jnp.sum((jnp.argmax(logits, -1) == labels) * mask), AXIS),
           'count': lax.psum(jnp.sum(mask), AXIS)}
+  if logits.shape[-1] > 5:
+    in_top5 = jnp.any(lax.top_k(logits, 5)[1] == labels[:, None], axis=-1)
+    sums['correct_top5'] = lax.psum(jnp.sum(in_top5 * mask), AXIS)
+  return sums
 
 
 class Stepper:
@@ -78,12 +144,13 @@ class Stepper:
   rows of a global batch on the devices in the layout the steps take.
   """
 
-  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global'):
-    self.mesh, self.local_bn = mesh, BN_MODES[bn_mode] is None
+  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global', options: StepOptions = StepOptions()):
+    self.mesh, self.local_bn, self.options = mesh, BN_MODES[bn_mode] is None, options
     self.num_devices = mesh.devices.size
     self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
-    self._train = functools.partial(_train_body, model=model, tx=tx, local_bn=self.local_bn and self.stacks_bn)
-    self._evaluate = functools.partial(_eval_body, model=eval_model)
+    self._train = functools.partial(_train_body, model=model, tx=tx, local_bn=self.local_bn and self.stacks_bn,
+                                    opts=options)
+    self._evaluate = functools.partial(_eval_body, model=eval_model, use_ema=options.ema_decay > 0)
 
   stacks_bn = True  # Whether local-BN stats carry an explicit device axis inside the body.
 
@@ -109,10 +176,10 @@ class Stepper:
 class ShardMapStepper(Stepper):
   """`jax.shard_map` over the mesh: global `jax.Array` batches, one jit per step."""
 
-  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global'):
-    super().__init__(mesh, model, eval_model, tx, bn_mode)
+  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global', options: StepOptions = StepOptions()):
+    super().__init__(mesh, model, eval_model, tx, bn_mode, options)
     spec = TrainState(step=P(), params=P(), batch_stats=P(AXIS) if self.local_bn else P(), opt_state=P(),
-                      rng=P())
+                      rng=P(), ema_params=P())
     self._batch_sharding = mesh_lib.batch_sharding(mesh)
     smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
     self.train_step = jax.jit(smap(self._train, in_specs=(spec, P(AXIS)), out_specs=(spec, P())),
@@ -150,8 +217,8 @@ class PmapStepper(Stepper):
   """`jax.pmap`: a leading local-device axis on every batch and state leaf."""
   stacks_bn = False  # pmap keeps one copy per device already.
 
-  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global'):
-    super().__init__(mesh, model, eval_model, tx, bn_mode)
+  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global', options: StepOptions = StepOptions()):
+    super().__init__(mesh, model, eval_model, tx, bn_mode, options)
     devices = None if self.num_devices == jax.device_count() else list(mesh.devices.flat)
     pmap = functools.partial(jax.pmap, axis_name=AXIS, devices=devices)
     self.train_step = pmap(self._train, donate_argnums=0)
@@ -185,7 +252,8 @@ BACKENDS: Dict[str, Callable[..., Stepper]] = {'shard_map': ShardMapStepper, 'pm
 
 
 def make_stepper(config, mesh, model, eval_model, tx) -> Stepper:
-  return BACKENDS[config.parallel_backend](mesh, model, eval_model, tx, config.bn_mode)
+  return BACKENDS[config.parallel_backend](mesh, model, eval_model, tx, config.bn_mode,
+                                           StepOptions.from_config(config))
 
 
 def _host(x) -> np.ndarray:

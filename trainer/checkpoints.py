@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from errors import UserError, first_line
 from trainer import workdir as workdir_lib
+from trainer.state import checkpoint_tree, from_checkpoint_tree
 
 CHECKSUM_KEY = 'state_sha256'
 
@@ -43,7 +44,8 @@ class NotFinite(UserError):
 def fingerprint(config, state) -> dict:
   """What must match for a checkpoint to be resumable by this config."""
   shapes = {jax.tree_util.keystr(k): list(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
-      {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state})}
+      {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
+       'ema_params': state.ema_params})}  # No EMA: {} adds no entry, so fingerprints match older runs.
   return {'model': config.model, 'dataset': config.dataset, 'optimizer': config.optimizer, 'shapes': shapes}
 
 
@@ -116,7 +118,7 @@ class Checkpoints:
     t = time.perf_counter()
     meta = dict(self.fingerprint, **{CHECKSUM_KEY: checksum(state)})
     try:
-      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(checkpoint_tree(state)),
                                                       meta=ocp.args.JsonSave(meta)))
     except Exception as e:  # An unwritable directory, a full disk: stop here, never train on.
       raise self._failed(step, e) from None
@@ -156,7 +158,7 @@ class Checkpoints:
 
   def restore_latest(self, template):
     """The newest readable, verified checkpoint restored into `template`'s structure and shardings, or None."""
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_tree(template))
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
@@ -170,7 +172,7 @@ class Checkpoints:
                         '--workdir, or the config that wrote them')
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        state = restored['state']
+        state = from_checkpoint_tree(restored['state'])
         if saved_sum is not None and checksum(state) != saved_sum:
           raise ChecksumMismatch(f'its SHA-256 differs from the one recorded at save time ({saved_sum[:12]}...)')
       except Exception as e:

@@ -5,7 +5,7 @@ import math
 from errors import UserError, setting
 from input_pipeline.augment import AUGMENTATIONS
 from input_pipeline.sources import SOURCES
-from models import DTYPES, MODELS
+from models import DTYPES, MODELS, resnet
 from parallel.steps import BACKENDS, BN_MODES
 from trainer.optim import OPTIMIZERS, SCHEDULES
 
@@ -13,10 +13,12 @@ from trainer.optim import OPTIMIZERS, SCHEDULES
 _CHOICES = {
     'data_source': SOURCES, 'augment': AUGMENTATIONS, 'model': MODELS, 'optimizer': OPTIMIZERS,
     'lr_schedule': SCHEDULES,
-    'parallel_backend': BACKENDS, 'bn_mode': BN_MODES, 'dtype': DTYPES,
+    'parallel_backend': BACKENDS, 'bn_mode': BN_MODES, 'dtype': DTYPES, 'stem': resnet.STEMS,
 }
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'checkpoint_every_steps',
-                  'keep_checkpoints', 'max_steps_in_flight', 'prefetch_batches')
+                  'keep_checkpoints', 'max_steps_in_flight', 'prefetch_batches', 'resnet_width', 'patch_size',
+                  'grad_accum_steps')
+_NON_NEGATIVE_INTS = ('vit_depth', 'profile_steps')
 
 
 def _fail(key, value, rule):
@@ -31,6 +33,10 @@ def validate(config) -> None:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       _fail(key, value, 'must be a whole number >= 1')
+  for key in _NON_NEGATIVE_INTS:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+      _fail(key, value, 'must be a whole number >= 0 (0 = off / the default)')
   for key in ('num_train_steps', 'eval_every_steps'):
     if not isinstance(config[key], int) or (config[key] < 1 and config[key] != -1):
       _fail(key, config[key], 'must be >= 1, or -1 for the default')
@@ -41,6 +47,20 @@ def validate(config) -> None:
     _fail('momentum', config.momentum, 'must be in [0, 1)')
   if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
     _fail('weight_decay', config.weight_decay, 'must be a finite number >= 0')
+  if not 0 <= config.label_smoothing < 1:
+    _fail('label_smoothing', config.label_smoothing, 'must be in [0, 1) (0 = plain cross-entropy)')
+  if not 0 <= config.ema_decay < 1:
+    _fail('ema_decay', config.ema_decay, 'must be in [0, 1) (0 = no EMA; typical: 0.999 or 0.9999)')
+  if config.resnet_stages:
+    try:
+      resnet.parse_stages(config.resnet_stages)
+    except ValueError:
+      _fail('resnet_stages', config.resnet_stages, "give blocks per stage as a comma list of whole numbers >= 1, "
+            "e.g. '2,2,2,2', or '' for the model's standard depth")
+  accum = config.grad_accum_steps
+  if isinstance(accum, int) and accum > 1 and config.batch_size % accum:
+    _fail('batch_size', config.batch_size, f'must divide into {setting("grad_accum_steps")}={accum} '
+          f'micro-batches: use a multiple of {accum}')
   if config.warmup_steps < 0:
     _fail('warmup_steps', config.warmup_steps, 'must be >= 0')
   seed = config.seed

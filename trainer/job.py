@@ -35,7 +35,8 @@ class Job:
 
   def initial_state(self) -> state_lib.TrainState:
     """The canonical (replicated) initial state: the same for every topology."""
-    return state_lib.initial_state(self.mesh, self.model, self.tx, self.prep.output_shape, self.config.seed)
+    return state_lib.initial_state(self.mesh, self.model, self.tx, self.prep.output_shape, self.config.seed,
+                                    ema=self.config.ema_decay > 0)
 
   def train_feed(self, start_step: int, num_steps: Optional[int] = None) -> device_feed.Prefetcher:
     """Placed train batches `start_step .. num_steps-1` (default: to the end of the run), this process's rows."""
@@ -85,6 +86,10 @@ def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
   n_dev = mesh.devices.size
   mesh_lib.check_batch(config.batch_size, n_dev, 'batch_size')
   mesh_lib.check_batch(config.eval_batch_size, n_dev, 'eval_batch_size')
+  accum = config.grad_accum_steps
+  if (config.batch_size // n_dev) % accum:
+    raise UserError(f'{setting("batch_size")}={config.batch_size} does not split into {setting("grad_accum_steps")}'
+                    f'={accum} micro-batches on each of {n_dev} devices: use a multiple of {accum * n_dev}')
   data = data if data is not None else sources.load(config)
   prep = augment.Preprocess.from_config(config, data)
   num_train = data.num_examples('train')

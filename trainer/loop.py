@@ -8,8 +8,9 @@ from absl import logging
 
 from errors import UserError, setting
 from parallel import topology
-from trainer import checkpoints, hooks, job as job_lib, plots, reporting, workdir as workdir_lib
+from trainer import checkpoints, hooks, job as job_lib, plots, reporting, utilization, workdir as workdir_lib
 from trainer import preemption as preemption_lib
+from trainer.profiling import Profiler
 
 # A step whose mean loss exceeds this factor x max(first step's loss, 1) has diverged, finite or not. Cross-
 # entropy starts near ln(classes) and a healthy run stays within a small multiple of that; 1e6x leaves every
@@ -79,8 +80,11 @@ def evaluate(job: job_lib.Job, state) -> dict:
   finally:
     feed.close()
   count = int(round(float(totals['count'])))
-  return {'test_loss': float(totals['loss_sum']) / max(count, 1),
-          'test_accuracy': float(totals['correct']) / max(count, 1), 'test_examples': count}
+  out = {'test_loss': float(totals['loss_sum']) / max(count, 1),
+         'test_accuracy': float(totals['correct']) / max(count, 1), 'test_examples': count}
+  if 'correct_top5' in totals:  # Datasets with more than 5 classes.
+    out['test_top5_accuracy'] = float(totals['correct_top5']) / max(count, 1)
+  return out
 
 
 class Trainer:
@@ -107,12 +111,15 @@ class Trainer:
     self.final: Optional[dict] = None
     self.feed = None
     c = self.config
+    self.utilization = utilization.Utilization(job)
+    self.profiler = Profiler(workdir, c.profile_steps, self.start_step)
     # The periodic actions, in the order they run at a step; a new one is one line here.
     self.actions = [
         hooks.Periodic('log', c.log_every_steps, self.log, aside=False),
         hooks.Periodic('eval', job.eval_every, self.eval),
         hooks.Periodic('checkpoint', c.checkpoint_every_steps, self.save),
-    ]
+    ] + ([hooks.Periodic('profile', 1, lambda step: self.profiler.step(step, self.state), aside=False)]
+         if c.profile_steps > 0 else [])
 
   def _epoch(self, step: int) -> float:
     return round(step / self.job.steps_per_epoch, 4)
@@ -123,6 +130,7 @@ class Trainer:
     w = self.window
     event = {'kind': 'train', 'step': step, 'epoch': self._epoch(step), 'train_loss': w.loss_sum / max(w.count, 1),
              'train_accuracy': w.correct / max(w.count, 1), **self.speed.window(step, self.feed.wait_s)}
+    event.update(self.utilization.window(event['images_per_sec'], self.state))
     self.reporter.write(event)
     reporting.log(reporting.train_line(event, self.job.total_steps), self.is_main)
     w.reset()
@@ -164,6 +172,8 @@ class Trainer:
   def run(self) -> dict:
     job, total = self.job, self.job.total_steps
     self.log_start()
+    if self.config.eval_only:
+      return self.eval_only()
     if self.start_step >= total:
       reporting.log(f'{self.ckpts.directory} already holds the final step {self.start_step}: evaluating only.',
                     self.is_main)
@@ -193,11 +203,26 @@ class Trainer:
       print(f'{preemption_lib.received()} after the last step: the run is complete and saved.', flush=True)
     return self.final or {}
 
+  def eval_only(self) -> dict:
+    """`--config.eval_only`: one eval event for the newest checkpoint; nothing trained or saved."""
+    try:
+      if not self.resumed:
+        raise UserError(f'{setting("eval_only")} needs a checkpoint, but {self.ckpts.directory} holds none: '
+                        'train first (drop --config.eval_only), or point --workdir at a trained run')
+      self.final = {'kind': 'eval', 'step': self.start_step, 'epoch': self._epoch(self.start_step),
+                    'eval_only': True, **evaluate(self.job, self.state)}
+      self.reporter.write(self.final)
+      reporting.log(reporting.eval_line(self.final), self.is_main)
+      return self.final
+    finally:
+      self.ckpts.close()
+      self.reporter.close()
+
   def _close(self, preemption, failing: bool = False) -> None:
     """Stops the feed, settles the last save and closes the writers; while failing, a second error from
     closing is logged rather than hiding the first."""
     preemption.close()
-    for close in (self.feed.close, self.ckpts.close, self.reporter.close):
+    for close in (self.feed.close, self.profiler.close, self.ckpts.close, self.reporter.close):
       try:
         close()
       except Exception as e:
