@@ -32,7 +32,7 @@ train: setup data
 	$(PY) train.py --config=configs/default.py --workdir=$(WORKDIR) $(ARGS)
 
 test: setup data lint
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile tests $(ARGS)
 
 # The developers' inner loop: everything but the subprocess and two-process tests (under a minute).
 quick: setup

@@ -36,6 +36,9 @@ def builder(name: str, data_dir: str):
     if 'not found' in str(e).lower() or e.__class__.__name__ == 'DatasetNotFoundError':
       raise UserError(f'unknown dataset {name!r}: TFDS has no such dataset; set --config.dataset to one of '
                       f'{", ".join(sorted(sources.DATASETS))} or a TFDS dataset name') from None
+    if '://' in (data_dir or ''):  # A remote data_dir (gs://, s3://) that cannot be read: offline, no access.
+      raise UserError(f'{setting("data_dir")}={data_dir} cannot be read ({first_line(e)}): check the network and '
+                      'your credentials for that storage, or copy the dataset to a local directory') from None
     raise
 
 

@@ -203,6 +203,7 @@ CASES = {  # name -> fn(ctx); the slow chain first so that it overlaps everythin
         os.path.join(d, 't10k-labels-idx1-ubyte.gz'), np.full(48, 12, np.uint8))),
     'tfds_offline': _tfds_offline,
     'dataset_unknown': lambda c: _run(c, 'dataset', '--config.dataset=no_such_dataset'),
+    'data_dir_remote_offline': lambda c: _run(c, 'remote', '--config.data_dir=gs://no-such-bucket/data'),
     'other_model': lambda c: _rerun(c, 'other_model', lambda ckpts: None, '--config.model=cnn'),
     'latest_corrupt': lambda c: _rerun(c, 'latest_corrupt', _truncate_state),
     'latest_half_written': lambda c: _rerun(c, 'half_written', _half_written),
@@ -302,6 +303,12 @@ def test_config_value_out_of_range(runs, case):
 @_case('dataset_unknown')
 def test_unknown_dataset(runs, case):
   _assert_refused(runs.result(case), "unknown dataset 'no_such_dataset'", 'fashion_mnist', '--config.dataset')
+
+
+@_case('data_dir_remote_offline')
+def test_remote_data_dir_that_cannot_be_read(runs, case):
+  _assert_refused(runs.result(case), '--config.data_dir=gs://no-such-bucket/data cannot be read', 'network',
+                  'local directory')
 
 
 @_case('config_missing_keys')

@@ -45,7 +45,7 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
 
 def test_killed_peer_fails_the_survivor_then_both_resume(tmp_path, data_dir):
   workdir = str(tmp_path / 'run')
-  args = (f'--config.data_dir={data_dir}', '--config.num_epochs=500')
+  args = (f'--config.data_dir={data_dir}', '--config.num_epochs=500', '--heartbeat_timeout=10')  # Fail fast.
   logs = [str(tmp_path / f'p{i}.log') for i in (0, 1)]
   procs = _start_pair(workdir, *args, logs=logs)
   assert harness.wait_for(lambda: harness.checkpoint_steps(workdir) and harness.checkpoint_steps(workdir)[-1] >= 8

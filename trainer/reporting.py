@@ -113,6 +113,9 @@ class _LibraryInfoFilter(logging_std.Filter):
   keep_tracebacks = False
 
   def filter(self, record):
+    if (record.name == 'asyncio' and not self.keep_tracebacks
+        and 'exception was never retrieved' in str(record.msg)):  # Orbax's failed-save futures, collected late.
+      return False
     noisy = any(f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'tensorflow', 'etils'))
     if noisy and record.exc_info and not self.keep_tracebacks:
       record.exc_info, record.exc_text = None, None
