@@ -30,6 +30,8 @@ def parse_args(argv):
   p.add_argument('--devices', type=int, default=1, help='simulated CPU devices (default 1)')
   p.add_argument('--steps', type=int, default=3000, help='timed steps per timing (default 3000)')
   p.add_argument('--log_every', type=int, default=100, help='the loop log interval (default 100)')
+  p.add_argument('--steps_per_dispatch', type=int, default=1,
+                 help='config.steps_per_dispatch of the full loop (default 1: one dispatch per step)')
   return p.parse_args(argv)
 
 
@@ -40,6 +42,7 @@ def _config(args, steps: int):
   c.num_train_steps, c.log_every_steps = steps, args.log_every
   c.eval_every_steps = c.checkpoint_every_steps = 10 ** 9  # Only the end-of-run eval and save: outside timing.
   c.lr_schedule, c.plot = 'constant', False
+  c.steps_per_dispatch = args.steps_per_dispatch
   return c
 
 
@@ -82,8 +85,10 @@ def main(argv=None) -> int:
   finally:
     feed.close()
 
-  # The full loop: Trainer.run over steps+50 steps; time steps 51.. from the metrics' wall clock.
-  full_job = job_lib.build(_config(args, steps + 50), data=data)
+  # The full loop: Trainer.run over warm+steps steps; time the steps after `warm` from the metrics' wall clock.
+  # Warm-up past the first log: with steps_per_dispatch > 1 the 1-step program first compiles just before it.
+  warm = args.log_every + 50
+  full_job = job_lib.build(_config(args, warm + steps), data=data)
   with tempfile.TemporaryDirectory() as workdir:
     trainer = loop.Trainer(full_job, workdir)
     marks = {}
@@ -91,16 +96,18 @@ def main(argv=None) -> int:
 
     def push(step, metrics):
       original(step, metrics)
-      if step in (50, steps + 50):
-        trainer.window.drain()
-        marks[step] = (time.perf_counter(), trainer.feed.wait_s)
+      last = step[-1] if isinstance(step, range) else step
+      for mark in (warm, warm + steps):
+        if mark not in marks and last >= mark:
+          trainer.window.drain()
+          marks[mark] = (time.perf_counter(), trainer.feed.wait_s, last)
     trainer.window.push = push
     trainer.run()
-  (t0, w0), (t1, w1) = marks[50], marks[steps + 50]
-  full, wait = t1 - t0, w1 - w0
+  (t0, w0, s0), (t1, w1, s1) = marks[warm], marks[warm + steps]
+  full, wait = (t1 - t0) * steps / (s1 - s0), (w1 - w0) * steps / (s1 - s0)  # Per `steps` steps.
   us = lambda s: 1e6 * s / steps
   print(f'CPU: {_cpu()}, {os.cpu_count()} cores; model {args.model}, batch {args.batch}, {args.devices} device(s), '
-        f'{steps} timed steps')
+        f'{steps} timed steps; full loop: {args.steps_per_dispatch} step(s) per dispatch')
   print(f'  bare step     {us(bare):8.1f} µs/step')
   print(f'  step + feed   {us(fed):8.1f} µs/step  (+{us(fed - bare):.1f})')
   print(f'  full loop     {us(full):8.1f} µs/step  (+{us(full - bare):.1f} over the bare step; input wait '

@@ -93,7 +93,10 @@ def main(argv):
   results.append(('host only (tf.data -> numpy)', n, s))
   if not FLAGS.host_only:
     feed = device_feed.Prefetcher(stream(), lambda b: mesh_lib.to_global(mesh, b), config.prefetch_batches)
-    n, s = _timed(feed, seconds, warmup, finish=jax.block_until_ready)
+    try:
+      n, s = _timed(feed, seconds, warmup, finish=jax.block_until_ready)
+    finally:
+      feed.close()  # A placement thread still running at interpreter exit can abort the process.
     results.append((f'to device ({mesh.devices.size} x {jax.devices()[0].platform}, prefetch '
                     f'{config.prefetch_batches})', n, s))
 

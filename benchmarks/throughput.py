@@ -96,10 +96,13 @@ def parse_args(argv):
   p.add_argument('--simulated_devices', type=int, default=0,
                  help='simulate N CPU devices in this one process (default 0: one process per device count)')
   p.add_argument('--no_reference', action='store_true', help='skip the plain-loop reference rows')
+  p.add_argument('--reference_only', action='store_true', help='only the reference rows (the seed\'s loop)')
   p.add_argument('--warmup_s', type=float, help='seconds of warm-up steps after compile')
   p.add_argument('--window_s', type=float, help='target seconds per timed window')
   p.add_argument('--windows', type=int, help='timed windows per row (the median is reported)')
   p.add_argument('--models', default='cnn', help=f'comma list of {",".join(MODEL_ROWS)} (default cnn)')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='a configs/default.py field for every row, e.g. --set=conv_impl=xla (repeatable)')
   p.add_argument('--json', help='write every row, window and machine detail as one JSON object to this file')
   args = p.parse_args(argv)
   defaults = QUICK if args.quick else FULL
@@ -108,6 +111,15 @@ def parse_args(argv):
       setattr(args, key, value)
   args.backends, args.devices, args.batches = _names(args.backends), _ints(args.devices), _ints(args.batches)
   args.models = _names(args.models)
+  from configs import default
+  fields = default.get_config()
+  for item in args.set:
+    key, sep, value = item.partition('=')
+    if not sep or key not in fields:
+      p.error(f'--set {item!r}: use KEY=VALUE with a field of configs/default.py')
+    if key in ('batch_size', 'parallel_backend'):
+      p.error(f'--set {item!r}: rows set {key} themselves; use --batches / --backends')
+    _OVERRIDES[key] = value
   if not args.models or any(m not in MODEL_ROWS for m in args.models):
     p.error(f'--models: use names from {",".join(MODEL_ROWS)}')
   bad = [b for b in args.backends if b not in ('shard_map', 'pmap')]
@@ -123,14 +135,19 @@ def run_per_device_count(args, argv) -> int:
   import subprocess
   import tempfile
   rows, peaks, children = [], [], []
-  passthrough = [a for a in argv if not a.startswith(('--devices', '--json', '--simulated_devices'))]
+  passthrough = [a for a in argv if not a.startswith(('--devices', '--json', '--simulated_devices', '--no_reference',
+                                                      '--reference_only'))]
+  # The seed's loop runs in a process of its own with glibc's default malloc settings, as the seed ran it
+  # (parallel/host_malloc.py is the trainer's); the trainer rows run one process per device count.
+  runs = ([] if args.no_reference else [(1, ['--reference_only'], dict(os.environ, DPTRAIN_MALLOC='glibc'))])
+  runs += [(k, ['--no_reference'], None) for k in sorted(args.devices)]
   with tempfile.TemporaryDirectory() as tmp:
-    for i, k in enumerate(sorted(args.devices)):
-      out = os.path.join(tmp, f'{k}.json')
+    for i, (k, extra, env) in enumerate(runs):
+      out = os.path.join(tmp, f'{i}.json')
       cmd = [sys.executable, '-m', 'benchmarks.throughput', *passthrough, f'--devices={k}',
-             f'--simulated_devices={k}', f'--json={out}'] + (['--no_reference'] if i else [])
+             f'--simulated_devices={k}', f'--json={out}'] + extra
       print(f'--- {k} device(s): {" ".join(cmd[1:])}', file=sys.stderr, flush=True)
-      if subprocess.run(cmd, stdout=subprocess.DEVNULL).returncode or not os.path.exists(out):
+      if subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env).returncode or not os.path.exists(out):
         print(f'--- {k} device(s) failed', file=sys.stderr)
         continue
       with open(out) as f:
@@ -215,6 +232,7 @@ def matmul_peak(n: int = 2048, reps: int = 7, quick: bool = False) -> dict:
 
 # --- one data-parallel row ----------------------------------------------------------------------------------
 _INITIAL = {}
+_OVERRIDES = {}  # --set KEY=VALUE, applied to every row's config
 
 
 def _config(backend: str, batch: int, model: str = 'cnn'):
@@ -223,6 +241,9 @@ def _config(backend: str, batch: int, model: str = 'cnn'):
   config.batch_size = batch
   config.parallel_backend = backend
   config.update(MODEL_ROWS[model][0])
+  for key, text in _OVERRIDES.items():
+    kind = type(config[key])
+    config[key] = text.lower() in ('1', 'true') if kind is bool else kind(text)
   return config
 
 
@@ -252,18 +273,21 @@ def bench_row(backend: str, k: int, batch: int, data, timing, model: str = 'cnn'
 
   shape = MODEL_ROWS[model][1]
   data = data if shape is None else _generated(shape)
-  job = job_lib.build(_config(backend, batch, model), mesh=mesh_lib.make_mesh(num_devices=k), data=data)
-  init = canonical_state(data) if model == 'cnn' else job.initial_state()
+  config = _config(backend, batch, model)
+  job = job_lib.build(config, mesh=mesh_lib.make_mesh(num_devices=k), data=data)
+  init = canonical_state(data) if config.model == 'cnn' else job.initial_state()
   state = job.stepper.to_device(jax.device_put(init, mesh_lib.replicated(job.mesh)))
   feed = job.train_feed(0, num_steps=10 ** 7)  # Lazy: only what is taken is made.
   label = backend if model == 'cnn' else f'{backend}:{model}'
   try:
-    return _timed_steps(job.stepper, state, feed, label, k, batch, job.config.max_steps_in_flight, timing)
+    return _timed_steps(job.stepper, state, feed, label, k, batch, job.config.max_steps_in_flight, timing,
+                        flops_stepper=job.flops_stepper())
   finally:
     feed.close()  # The Prefetcher's background thread would outlive the row otherwise.
 
 
-def _timed_steps(stepper, state, feed, backend: str, k: int, batch: int, max_in_flight: int, timing) -> dict:
+def _timed_steps(stepper, state, feed, backend: str, k: int, batch: int, max_in_flight: int, timing,
+                 flops_stepper=None) -> dict:
   import jax
 
   from trainer.utilization import cost_flops
@@ -305,10 +329,10 @@ def _timed_steps(stepper, state, feed, backend: str, k: int, batch: int, max_in_
     jax.device_get(stepper.metrics(pending.popleft()))
   last = done[-1][3]
 
-  # Cost analysis of the same step (the jit cache usually makes this free); flops are one device's program.
+  # Cost analysis of the same math (`Job.flops_stepper`: XLA's convolutions); flops are one device's program.
   t = time.perf_counter()
   try:
-    flops_one = cost_flops(stepper.train_step.lower(state, next(feed)).compile())
+    flops_one = cost_flops((flops_stepper or stepper).train_step.lower(state, next(feed)).compile())
   except Exception as e:  # No cost analysis on some backends/versions: report the row without GFLOP/s.
     print(f'  no cost analysis for {backend} dev={k} batch={batch}: {e.__class__.__name__}: {e}', file=sys.stderr)
     flops_one = None
@@ -389,7 +413,7 @@ def main(argv=None) -> int:
       finish(reference_loop.run(data.train_images, data.train_labels, batch=batch, warmup_s=args.warmup_s,
                                 window_s=args.window_s, windows=args.windows,
                                 variables={'params': init.params, 'batch_stats': init.batch_stats}))
-    for backend in args.backends:
+    for backend in ([] if args.reference_only else args.backends):
       for k in args.devices:
         if k > jax.device_count() or batch % k:
           quiet(f'  skip {backend} dev={k} batch={batch}: ' +
@@ -420,7 +444,8 @@ def main(argv=None) -> int:
         f'{time.perf_counter() - started:.0f}s total)')
   summary = {'machine': {'cpu_count': os.cpu_count(), 'cpu_model': cpu_model(),
                          'jax': jax.__version__, 'simulated_devices': jax.device_count(),
-                         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'loadavg_start': load_start[0],
+                         'xla_flags': os.environ.get('XLA_FLAGS', ''), 'config_overrides': dict(_OVERRIDES),
+                         'loadavg_start': load_start[0],
                          'loadavg_end': os.getloadavg()[0]},
              'matmul_gflops': peak, 'matmul_gflops_start': peak_start, 'matmul_gflops_end': peak_end,
              'peak_gflops': peak_gflops, 'quick': args.quick,

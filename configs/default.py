@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Model (models/).
   c.model = 'cnn'                 # cnn | mlp | resnet18 | resnet34 | resnet50 | vit_ti | vit_s
   c.dtype = 'float32'             # compute dtype: float32 | bfloat16 (params and optimizer stay float32)
+  c.conv_impl = 'auto'            # conv kernel gradient: auto (matmul_wgrad on CPU, else xla) | xla | matmul_wgrad
   c.stem = 'auto'                 # ResNet stem: auto (small for images <= 64 px) | imagenet | small
   c.resnet_width = 64             # ResNet channels of the first stage (doubled per stage)
   c.resnet_stages = ''            # ResNet blocks per stage, e.g. '1,1,1'; '' = the model's standard depth
@@ -59,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.bn_mode = 'global'            # global: BN statistics over the global batch | local: per device + sync
   c.max_steps_in_flight = 2       # steps dispatched ahead of the host; bounds CPU collective queues
   c.prefetch_batches = 2          # batches placed on the devices ahead of the step
+  c.steps_per_dispatch = 1        # train steps per compiled dispatch (lax.scan); >1 for tiny, host-bound steps
   # Reporting and checkpoints (trainer/).
   c.log_every_steps = 100
   c.eval_every_steps = -1         # -1: every epoch

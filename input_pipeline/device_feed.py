@@ -6,10 +6,11 @@ on a host-to-device copy; it works for both layouts (the Flax prefetch helper on
 and iterator overhead whatever its size, which dominated the step of small models (benchmarks/host_overhead.py).
 """
 
+import itertools
 import queue
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
@@ -101,9 +102,42 @@ def _split(chunks: Iterable) -> Iterable:
       yield {name: value[i] for name, value in chunk.items()}
 
 
-def from_dataset(ds, put: Callable, depth: int = 2) -> Prefetcher:
-  """A `Prefetcher` over a tf.data dataset of batch dicts, pulling several steps per element (same order)."""
+def grouped(batches: Iterable, sizes: Iterable[int]) -> Iterable:
+  """Per-step batches -> (size, batch) for each dispatch size: the batch itself for 1, else `size` batches
+  stacked on a new leading axis (`steps_per_dispatch`). Ends when either input does."""
+  it = iter(batches)
+  for size in sizes:
+    group = list(itertools.islice(it, size))
+    if len(group) < size:
+      return
+    yield size, group[0] if size == 1 else {name: np.stack([b[name] for b in group]) for name in group[0]}
+
+
+def _regroup(chunks: Iterable, sizes: Iterable[int]) -> Iterable:
+  """Elements of stacked batches [c, ...] -> (size, batch) per dispatch size, as `grouped` yields, but as
+  numpy views of the elements wherever a group lies inside one (no per-step dicts, no stacking copies)."""
+  it = iter(chunks)
+  chunk, pos, length = None, 0, 0
+  for size in sizes:
+    parts, need = [], size
+    while need:
+      if pos == length:
+        chunk = next(it, None)
+        if chunk is None:
+          return
+        pos, length = 0, len(next(iter(chunk.values())))
+      take = min(need, length - pos)
+      parts.append({name: value[pos:pos + take] for name, value in chunk.items()})
+      pos, need = pos + take, need - take
+    group = parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    yield size, ({name: value[0] for name, value in group.items()} if size == 1 else group)
+
+
+def from_dataset(ds, put: Callable, depth: int = 2, sizes: Optional[Iterable[int]] = None) -> Prefetcher:
+  """A `Prefetcher` over a tf.data dataset of batch dicts, pulling several steps per element (same order);
+  with `sizes`, it yields what `grouped` does and `put` takes (size, batch)."""
   k = steps_per_element(ds.element_spec)
-  if k == 1:
-    return Prefetcher(ds.as_numpy_iterator(), put, depth)
-  return Prefetcher(_split(ds.batch(k).as_numpy_iterator()), put, depth)
+  if sizes is not None:
+    return Prefetcher(_regroup(ds.batch(k).as_numpy_iterator(), sizes), put, depth)
+  batches = ds.as_numpy_iterator() if k == 1 else _split(ds.batch(k).as_numpy_iterator())
+  return Prefetcher(batches, put, depth)

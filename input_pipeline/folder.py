@@ -119,6 +119,10 @@ class FolderSource(sources.Source):
   def name_of(self, split: str, index: int) -> str:
     return self._files[split][0][index]
 
+  def labels(self, split: str) -> np.ndarray:
+    """int32 label of every example of `split`, by index (for readers outside tf.data)."""
+    return np.asarray(self._files[split][1], np.int32)
+
 
 def load(config) -> FolderSource:
   if not config.data_dir:

@@ -11,14 +11,16 @@ from typing import Callable, Dict
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import cnn, mlp, resnet, vit
+from models import cnn, conv, mlp, resnet, vit
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
-    'cnn': lambda config, **kw: cnn.CNN(**kw),
+    'cnn': lambda config, **kw: cnn.CNN(conv=conv.conv_for(config.conv_impl), **kw),
     'mlp': lambda config, **kw: mlp.MLP(**kw),
     **{name: functools.partial(resnet.build, name) for name in resnet.DEPTHS},
     **{name: functools.partial(vit.build, name) for name in vit.SIZES},
 }
+
+CONV_IMPLS = conv.IMPLS  # config.conv_impl: 'auto' = the matmul kernel gradient on CPU, XLA's elsewhere
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

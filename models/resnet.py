@@ -9,10 +9,13 @@ Two stems:
 shallow variant (e.g. width 16, stages (1, 1, 1, 1)) keeps the tests and a 2-core CPU recipe fast.
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
+
+from models.conv import conv_for
 
 STEMS = ('auto', 'imagenet', 'small')
 SMALL_STEM_MAX_PX = 64
@@ -59,11 +62,12 @@ class ResNet(nn.Module):
   num_classes: int = 10
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
+  conv: Callable = lax.conv_general_dilated  # models/conv.py: the CPU's faster kernel gradient
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = lambda f, k, s=1, **kw: nn.Conv(f, k, (s, s), padding='SAME', use_bias=False, dtype=self.dtype,
-                                           param_dtype=jnp.float32, **kw)
+                                           param_dtype=jnp.float32, conv_general_dilated=self.conv, **kw)
     norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                                      axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
                                      param_dtype=jnp.float32, **kw)
@@ -104,4 +108,5 @@ def build(name: str, config, **kw) -> ResNet:
   stages, block = DEPTHS[name]
   if config.resnet_stages:
     stages = parse_stages(config.resnet_stages)
-  return ResNet(stage_sizes=stages, block=block, width=config.resnet_width, stem=config.stem, **kw)
+  return ResNet(stage_sizes=stages, block=block, width=config.resnet_width, stem=config.stem,
+                conv=conv_for(config.conv_impl), **kw)

@@ -54,14 +54,19 @@ def process_rows(mesh: Mesh, global_batch: int) -> Tuple[int, int]:
   return lo, hi
 
 
-def to_global(mesh: Mesh, local_batch):
-  """This process's rows -> one global jax.Array per leaf, sharded over `data` (shard_map layout).
+def to_global(mesh: Mesh, local_batch, batch_axis: int = 0):
+  """This process's rows -> one global jax.Array per leaf, sharded over `data` (shard_map layout) on
+  `batch_axis` (1 for k steps stacked on a leading axis).
 
   Every process holds the same number of devices, so the global batch is the local one times
   (devices / local devices).
   """
-  sharding = batch_sharding(mesh)
+  spec = P(*([None] * batch_axis + [AXIS]))
+  sharding = NamedSharding(mesh, spec)
   scale = mesh.devices.size // sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * scale,) + x.shape[1:]),
-      local_batch)
+
+  def global_shape(x):
+    shape = list(x.shape)
+    shape[batch_axis] *= scale
+    return tuple(shape)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x, global_shape(x)), local_batch)

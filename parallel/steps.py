@@ -12,7 +12,8 @@ BatchNorm (`bn_mode`):
     before every eval and checkpoint (the classic recipe).
 
 Every step is one compiled dispatch (forward, backward, optimizer, BN update, metrics), with the old
-state's buffers donated.
+state's buffers donated; `train_steps` runs k steps in one dispatch (`steps_per_dispatch`) for small models
+whose step is shorter than the host's per-dispatch work.
 """
 
 import dataclasses
@@ -154,8 +155,17 @@ class Stepper:
 
   stacks_bn = True  # Whether local-BN stats carry an explicit device axis inside the body.
 
+  def _train_scan(self, state: TrainState, batches):
+    """`steps_per_dispatch`: k train steps in one dispatch, one after the other (`lax.scan` over the leading
+    axis of `batches`); the metrics come back stacked, one entry per step."""
+    return lax.scan(self._train, state, batches)
+
   def place(self, local_batch):
-    """This process's rows of a global batch (host numpy) -> device arrays in the steps' layout."""
+    """This process's rows of a global batch (host numpy) -> device arrays in the layout of `train_step`."""
+    raise NotImplementedError
+
+  def place_steps(self, local_batches):
+    """k steps' rows stacked on a leading axis [k, rows, ...] -> the layout of `train_steps`."""
     raise NotImplementedError
 
   def sync_batch_stats(self, state: TrainState) -> TrainState:
@@ -184,6 +194,9 @@ class ShardMapStepper(Stepper):
     smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
     self.train_step = jax.jit(smap(self._train, in_specs=(spec, P(AXIS)), out_specs=(spec, P())),
                               donate_argnums=0)
+    self._steps_sharding = NamedSharding(mesh, P(None, AXIS))
+    self.train_steps = jax.jit(smap(self._train_scan, in_specs=(spec, P(None, AXIS)), out_specs=(spec, P())),
+                               donate_argnums=0)
     self._eval = jax.jit(smap(self._evaluate, in_specs=(P(), P(AXIS)), out_specs=P()))
     self._sync = jax.jit(smap(lambda bs: lax.pmean(bs, AXIS), in_specs=P(AXIS), out_specs=P(AXIS)))
     # After a sync every device holds the same stats: each one's copy is the replicated value.
@@ -193,6 +206,11 @@ class ShardMapStepper(Stepper):
     if jax.process_count() == 1:  # One transfer call for the whole batch: ~2x cheaper than per-leaf assembly.
       return jax.device_put(local_batch, self._batch_sharding)
     return mesh_lib.to_global(self.mesh, local_batch)
+
+  def place_steps(self, local_batches):
+    if jax.process_count() == 1:
+      return jax.device_put(local_batches, self._steps_sharding)
+    return mesh_lib.to_global(self.mesh, local_batches, batch_axis=1)
 
   def to_device(self, state: TrainState) -> TrainState:
     """Canonical (replicated) state -> this backend's layout."""
@@ -222,6 +240,7 @@ class PmapStepper(Stepper):
     devices = None if self.num_devices == jax.device_count() else list(mesh.devices.flat)
     pmap = functools.partial(jax.pmap, axis_name=AXIS, devices=devices)
     self.train_step = pmap(self._train, donate_argnums=0)
+    self.train_steps = pmap(self._train_scan, donate_argnums=0)
     self._eval = pmap(self._evaluate)
     self._sync = pmap(lambda bs: lax.pmean(bs, AXIS))
     self._local = NamedSharding(jax.sharding.Mesh(np.array(self.local_devices), (AXIS,)), P(AXIS))
@@ -229,6 +248,11 @@ class PmapStepper(Stepper):
   def place(self, local_batch):
     n = len(self.local_devices)
     return jax.tree.map(lambda x: jax.device_put(x.reshape((n, -1) + x.shape[1:]), self._local), local_batch)
+
+  def place_steps(self, local_batches):
+    n = len(self.local_devices)
+    return jax.tree.map(lambda x: jax.device_put(x.reshape((x.shape[0], n, -1) + x.shape[2:]).swapaxes(0, 1),
+                                                 self._local), local_batches)
 
   def to_device(self, state: TrainState) -> TrainState:
     n = len(self.local_devices)

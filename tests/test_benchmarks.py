@@ -28,7 +28,8 @@ def _run(*args):
 
 def test_throughput_quick_prints_rows(tmp_path):
   path = str(tmp_path / 'bench.json')
-  out = _run('benchmarks.throughput', '--quick', '--devices=2', '--simulated_devices=2', f'--json={path}')
+  out = _run('benchmarks.throughput', '--quick', '--devices=2', '--simulated_devices=2', '--set=conv_impl=xla',
+             f'--json={path}')
   header = next(line for line in out.splitlines() if line.startswith('backend'))
   assert header.split() == ['backend', 'devices', 'batch', 'img/s', 'ms/step', 'input', 'wait', 'cores', 'busy',
                             'compile', 's', 'GFLOP/s', '%', 'peak', 'RSS', 'MB'], header  # The README's names.
@@ -40,8 +41,27 @@ def test_throughput_quick_prints_rows(tmp_path):
   for row in rows.values():
     assert row['images_per_s'] > 0 and row['flops_per_step'] > 1e9  # ~3.4 GFLOP per step of 128 images.
   assert 0 < summary['peak_gflops']
+  assert summary['machine']['config_overrides'] == {'conv_impl': 'xla'}
 
 
 def test_input_pipeline_quick_prints_table():
   out = _run('benchmarks.input_pipeline', '--quick')
   assert 'images' in out.lower() and 'to device' in out.lower(), out
+
+
+def test_grain_vs_tfdata_prints_every_loader(tmp_path):
+  from tests.image_folders import make_image_folder
+  root = make_image_folder(str(tmp_path / 'jpegs'), per_class=(12, 2), size=(40, 30), fmt='jpg')
+  out = _run('benchmarks.grain_vs_tfdata', f'--data_dir={root}', '--image_size=16', '--batch=4', '--seconds=0.3',
+             '--warmup_batches=1', '--loaders=tfdata,grain_tf,grain_pil')  # grain_pil_mp: the same code, workers.
+  rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith('  ')}
+  for name in ('tfdata', 'grain_tf', 'grain_pil'):
+    assert name in rows and float(rows[name][0]) > 0, out
+
+
+def test_throughput_set_refuses_the_fields_rows_set():
+  from benchmarks import throughput
+  with pytest.raises(SystemExit):
+    throughput.parse_args(['--set=batch_size=64'])
+  with pytest.raises(SystemExit):
+    throughput.parse_args(['--set=no_such_field=1'])

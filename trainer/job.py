@@ -5,12 +5,14 @@ added to the job (a model, an optimizer option, a data source) is trained, measu
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import optax
+from jax import lax
 
 from errors import UserError, setting
 from input_pipeline import augment, device_feed, order, pipeline, sources
+import models.conv
 from models import create_model
 from parallel import mesh as mesh_lib
 from parallel import steps
@@ -38,8 +40,24 @@ class Job:
     return state_lib.initial_state(self.mesh, self.model, self.tx, self.prep.output_shape, self.config.seed,
                                     ema=self.config.ema_decay > 0)
 
-  def train_feed(self, start_step: int, num_steps: Optional[int] = None) -> device_feed.Prefetcher:
-    """Placed train batches `start_step .. num_steps-1` (default: to the end of the run), this process's rows."""
+  def flops_stepper(self) -> steps.Stepper:
+    """A stepper of the same math for XLA's cost analysis: with `conv_impl`'s chunked kernel gradients (a
+    `lax.scan`) XLA counts a loop body once, not once per trip, so FLOPs are counted on XLA's convolutions."""
+    if models.conv.conv_for(self.config.conv_impl) is lax.conv_general_dilated:
+      return self.stepper
+    c = self.config.copy_and_resolve_references()
+    c.conv_impl = 'xla'
+    model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=steps.BN_MODES[c.bn_mode])
+    eval_model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=None)
+    return steps.make_stepper(c, self.mesh, model, eval_model, self.tx)
+
+  def train_feed(self, start_step: int, num_steps: Optional[int] = None,
+                 sizes: Optional[Iterable[int]] = None) -> device_feed.Prefetcher:
+    """Placed train batches `start_step .. num_steps-1` (default: to the end of the run), this process's rows.
+
+    With `sizes` (the loop's dispatch plan, `hooks.dispatch_sizes`) it yields one item per dispatch: a batch
+    placed for `train_step` where the size is 1, else that many steps stacked and placed for `train_steps`.
+    """
     c = self.config
     rows = mesh_lib.process_rows(self.mesh, c.batch_size)
     ds = pipeline.train_dataset(self.data, self.prep, seed=c.seed, global_batch=c.batch_size, rows=rows,
@@ -54,7 +72,7 @@ class Job:
       return pipeline.bad_data_error(self.data, self.prep, 'train', indices, error, f'at training step {step + 1}',
                                      seed=c.seed, step=step)
 
-    return self._feed(ds, explain)
+    return self._feed(ds, explain, sizes)
 
   def eval_feed(self) -> device_feed.Prefetcher:
     """Placed eval batches: every eval example once, the last batch padded and masked."""
@@ -70,13 +88,17 @@ class Job:
     return self._feed(ds, explain)
 
 
-  def _feed(self, ds, explain) -> device_feed.Prefetcher:
+  def _feed(self, ds, explain, sizes=None) -> device_feed.Prefetcher:
     """In-memory arrays (nothing to decode) go several steps per tf.data element; decoded sources one batch
     per element, so that a failing file is found in the batch whose step the error names."""
-    depth = self.config.prefetch_batches
+    depth, stepper = self.config.prefetch_batches, self.stepper
+    put = stepper.place
+    if sizes is not None:
+      put = lambda item: stepper.place(item[1]) if item[0] == 1 else stepper.place_steps(item[1])
     if pipeline.whole_batches(self.data, self.prep):
-      return device_feed.from_dataset(ds, self.stepper.place, depth)
-    return device_feed.Prefetcher(pipeline.checked(pipeline.as_numpy(ds), explain), self.stepper.place, depth)
+      return device_feed.from_dataset(ds, put, depth, sizes)
+    batches = pipeline.checked(pipeline.as_numpy(ds), explain)
+    return device_feed.Prefetcher(batches if sizes is None else device_feed.grouped(batches, sizes), put, depth)
 
 
 def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:

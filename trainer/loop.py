@@ -1,6 +1,7 @@
 """`train_and_evaluate(config, workdir)`: build the job, then run it (resuming from the workdir)."""
 
 import collections
+import itertools
 from typing import Callable, Optional
 
 import jax
@@ -16,6 +17,8 @@ from trainer.profiling import Profiler
 # entropy starts near ln(classes) and a healthy run stays within a small multiple of that; 1e6x leaves every
 # legitimate spike far below (README, "Divergence").
 DIVERGENCE_FACTOR = 1e6
+# Finished steps' metrics are fetched in one transfer at each log, eval or save, or every this many dispatches.
+FETCH_EVERY = 256
 
 
 class Diverged(UserError):
@@ -30,30 +33,52 @@ def diverged(what: str, last_checkpoint: str) -> Diverged:
 class _StepMetrics:
   """Sums train metrics of finished steps; keeps at most `max_in_flight` steps queued on the devices.
 
+  The bound only waits for the oldest step (`block_until_ready`); the metric values stay on the devices
+  until `drain()` (at a log, eval or save) fetches all of them in one `device_get`. One transfer per window
+  instead of one per step is most of the host time a tiny model's step spends here
+  (benchmarks/host_overhead.py). A NaN or a diverged loss is still reported with its own step.
   `last_checkpoint()` says which checkpoint survives a divergence (for the error line).
   """
 
   def __init__(self, stepper, max_in_flight: int, last_checkpoint: Callable[[], str]):
     self._stepper, self._max, self._last_checkpoint = stepper, max_in_flight, last_checkpoint
-    self._pending = collections.deque()
+    self._in_flight = collections.deque()
+    self._finished = []
     self.first_loss = None
     self.reset()
 
   def reset(self):
     self.loss_sum = self.correct = self.count = 0.0
 
-  def push(self, step: int, metrics) -> None:
-    self._pending.append((step, metrics))
-    while len(self._pending) > self._max:
-      self._collect()
+  def push(self, step, metrics) -> None:
+    """`step`: an int, or a range of steps whose metrics come stacked from one `train_steps` dispatch. The
+    bound counts dispatches."""
+    self._in_flight.append((step, metrics))
+    while len(self._in_flight) > self._max:
+      item = self._in_flight.popleft()
+      jax.block_until_ready(item[1])  # The in-flight bound.
+      self._finished.append(item)
+    if len(self._finished) >= FETCH_EVERY:  # Long log intervals: keep few metric arrays alive.
+      finished, self._finished = self._finished, []
+      self._fetch(finished)
 
   def drain(self) -> None:
-    while self._pending:
-      self._collect()
+    pending = self._finished + list(self._in_flight)
+    self._finished, self._in_flight = [], collections.deque()
+    self._fetch(pending)
 
-  def _collect(self) -> None:
-    step, metrics = self._pending.popleft()
-    m = self._stepper.metrics(metrics)  # Blocks on the oldest step: the in-flight bound.
+  def _fetch(self, pending) -> None:
+    if not pending:
+      return
+    values = self._stepper.metrics([m for _, m in pending])  # One transfer for many steps.
+    for (step, _), m in zip(pending, values):
+      if isinstance(step, range):
+        for j, one in enumerate(step):
+          self._add(one, {name: value[j] for name, value in m.items()})
+      else:
+        self._add(step, m)
+
+  def _add(self, step: int, m) -> None:
     if not m['finite']:
       raise diverged(f'the training loss became NaN or Inf at step {step}', self._last_checkpoint())
     loss = float(m['loss_sum']) / max(float(m['count']), 1.0)
@@ -181,11 +206,19 @@ class Trainer:
       reporting.log(reporting.eval_line(self.final), self.is_main)
     preemption = preemption_lib.PreemptionWatcher()
     poll = jax.process_count() == 1  # Multi-process: failed saves surface at the next save, on every process.
-    self.feed = job.train_feed(self.start_step)
+    k = self.config.steps_per_dispatch
+    plan = lambda: hooks.dispatch_sizes(self.actions, self.start_step, total, k)
+    self.feed = job.train_feed(self.start_step, sizes=plan() if k > 1 else None)
+    step = self.start_step
     try:
-      for step in range(self.start_step + 1, total + 1):
-        self.state, metrics = job.stepper.train_step(self.state, next(self.feed))
-        self.window.push(step, metrics)
+      for size in (plan() if k > 1 else itertools.repeat(1, total - self.start_step)):
+        if size == 1:
+          self.state, metrics = job.stepper.train_step(self.state, next(self.feed))
+          self.window.push(step + 1, metrics)
+        else:
+          self.state, metrics = job.stepper.train_steps(self.state, next(self.feed))
+          self.window.push(range(step + 1, step + size + 1), metrics)
+        step += size
         self.speed.exclude(hooks.run_due(self.actions, step, total))
         if poll:
           self.ckpts.poll()

@@ -36,6 +36,10 @@ def starting() -> None:
   _phase = 'startup'
 
 
+# Frames where an exception from the handler would be "ignored" (printed with a traceback) rather than raised.
+_CALLBACK_FRAMES = ('_xla_gc_callback',)
+
+
 def received():
   """The name of the signal that asked the run to stop, or None."""
   return _received
@@ -52,6 +56,8 @@ def _on_signal(signum, frame):
     print(_stopped_line(name), flush=True)
     os._exit(0)
   if _phase == 'startup':
+    if frame is not None and frame.f_code.co_name in _CALLBACK_FRAMES:
+      return  # Python would print and drop an exception raised in a gc callback; the flag stops the run.
     raise Stopped(name)
   import jax
   if signum == signal.SIGINT and _phase == 'training' and jax.process_count() > 1:

@@ -80,13 +80,13 @@ def device_peak(mesh, dtype: str) -> Optional[float]:
 
 
 def train_step_flops(job, state) -> Optional[float]:
-  """FLOPs of one device's compiled train step (XLA cost analysis; the jit cache makes it free after the
-  first step). None where the backend offers no cost analysis."""
+  """FLOPs of one device's compiled train step (XLA cost analysis of the same math with XLA's convolutions:
+  `Job.flops_stepper`). None where the backend offers no cost analysis."""
   lo, hi = mesh_lib.process_rows(job.mesh, job.config.batch_size)
   batch = job.stepper.place({'image': np.zeros((hi - lo,) + tuple(job.prep.output_shape), np.float32),
                              'label': np.zeros((hi - lo,), np.int32)})
   try:
-    return cost_flops(job.stepper.train_step.lower(state, batch).compile()) or None
+    return cost_flops(job.flops_stepper().train_step.lower(state, batch).compile()) or None
   except Exception:  # Some backends/versions have no cost analysis: report images/s only.
     return None
 
