@@ -139,7 +139,8 @@ def run_per_device_count(args, argv) -> int:
                                                       '--reference_only'))]
   # The seed's loop runs in a process of its own with glibc's default malloc settings, as the seed ran it
   # (parallel/host_malloc.py is the trainer's); the trainer rows run one process per device count.
-  runs = ([] if args.no_reference else [(1, ['--reference_only'], dict(os.environ, DPTRAIN_MALLOC='glibc'))])
+  from parallel import host_malloc
+  runs = ([] if args.no_reference else [(1, ['--reference_only'], host_malloc.glibc_default_env())])
   runs += [(k, ['--no_reference'], None) for k in sorted(args.devices)]
   with tempfile.TemporaryDirectory() as tmp:
     for i, (k, extra, env) in enumerate(runs):
@@ -380,7 +381,9 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if not args.simulated_devices:
     return run_per_device_count(args, argv)
-  from parallel import topology
+  from parallel import host_malloc, topology
+  if not args.reference_only and any(host_malloc.huge_pages_wanted(_config('shard_map', 128, m)) for m in args.models):
+    host_malloc.restart_with_huge_pages()  # As train.py does for these configs.
   topology.configure_backend('cpu', args.simulated_devices)  # Before anything starts JAX's backend.
   import jax
 

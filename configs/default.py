@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup_steps = 0
   c.label_smoothing = 0.0         # 0 = plain cross-entropy
   c.ema_decay = 0.0               # EMA of the params (checkpointed; eval uses it); 0 = off
+  c.eval_flip = False             # eval: average the logits of each image and its left-right mirror (test-time aug.)
   c.grad_accum_steps = 1          # micro-batches per optimizer step; batch_size is the whole (global) batch
   c.seed = 0
   # Parallelism (parallel/).
@@ -61,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_steps_in_flight = 2       # steps dispatched ahead of the host; bounds CPU collective queues
   c.prefetch_batches = 2          # batches placed on the devices ahead of the step
   c.steps_per_dispatch = 1        # train steps per compiled dispatch (lax.scan); >1 for tiny, host-bound steps
+  c.huge_pages = 'auto'           # huge pages for host buffers: auto (on but for cnn/mlp) | on | off
   # Reporting and checkpoints (trainer/).
   c.log_every_steps = 100
   c.eval_every_steps = -1         # -1: every epoch

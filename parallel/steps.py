@@ -41,10 +41,11 @@ class StepOptions:
   label_smoothing: float = 0.0
   grad_accum_steps: int = 1
   ema_decay: float = 0.0
+  eval_flip: bool = False
 
   @classmethod
   def from_config(cls, config) -> 'StepOptions':
-    return cls(config.label_smoothing, config.grad_accum_steps, config.ema_decay)
+    return cls(config.label_smoothing, config.grad_accum_steps, config.ema_decay, config.eval_flip)
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
@@ -121,11 +122,15 @@ def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool, opts: St
   return new_state, metrics
 
 
-def _eval_body(state: TrainState, batch, *, model, use_ema: bool = False):
+def _eval_body(state: TrainState, batch, *, model, use_ema: bool = False, flip: bool = False):
   """Sums (not means) of loss, correct predictions (top-1, and top-5 with more than 5 classes) and real
-  examples; padded rows have mask 0. With `use_ema` the EMA params are evaluated."""
+  examples; padded rows have mask 0. With `use_ema` the EMA params are evaluated; with `flip` (`eval_flip`)
+  the logits are the mean of the image's and its left-right mirror's, still one prediction per example."""
   params = state.ema_params if use_ema else state.params
-  logits = model.apply({'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=False)
+  apply = lambda x: model.apply({'params': params, 'batch_stats': state.batch_stats}, x, train=False)
+  logits = apply(batch['image'])
+  if flip:  # NHWC: axis 2 is the width.
+    logits = (logits + apply(jnp.flip(batch['image'], axis=2))) / 2
   mask, labels = batch['mask'], batch['label']
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   sums = {'loss_sum': lax.psum(jnp.sum(losses * mask), AXIS),
@@ -151,7 +156,8 @@ class Stepper:
     self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     self._train = functools.partial(_train_body, model=model, tx=tx, local_bn=self.local_bn and self.stacks_bn,
                                     opts=options)
-    self._evaluate = functools.partial(_eval_body, model=eval_model, use_ema=options.ema_decay > 0)
+    self._evaluate = functools.partial(_eval_body, model=eval_model, use_ema=options.ema_decay > 0,
+                                       flip=options.eval_flip)
 
   stacks_bn = True  # Whether local-BN stats carry an explicit device axis inside the body.
 

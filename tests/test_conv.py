@@ -1,5 +1,4 @@
-"""models/conv.py: the im2col-matmul kernel gradient is the same math as XLA's convolution gradient; and the
-host-malloc tuning (parallel/host_malloc.py) applies on glibc."""
+"""models/conv.py: the im2col-matmul kernel gradient is the same math as XLA's convolution gradient."""
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ from jax import lax
 from configs import default
 from input_pipeline import sources
 from models import conv, create_model
-from parallel import host_malloc, mesh as mesh_lib
+from parallel import mesh as mesh_lib
 from trainer import config_check, job as job_lib
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -110,9 +109,3 @@ def test_train_steps_match_xla_convolutions():
   for a, b in zip(jax.tree.leaves(results['matmul_wgrad'][1]), jax.tree.leaves(results['xla'][1])):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
-
-def test_host_malloc_thresholds_apply_on_glibc():
-  import platform
-  if platform.libc_ver()[0] != 'glibc':
-    pytest.skip('mallopt is glibc-only')
-  assert host_malloc.keep_freed_memory() is True

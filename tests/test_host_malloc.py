@@ -1,0 +1,84 @@
+"""parallel/host_malloc.py: the mallopt thresholds apply on glibc, and the huge-page restart re-executes the
+same command exactly once, keeps its arguments, and can be turned off."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from parallel import host_malloc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt and tunables are glibc-only')
+
+# Prints one line per start: a restart that failed to happen, or happened twice, shows in the line count.
+_PROBE = ('import os, sys; from parallel import host_malloc; print("start", flush=True); '
+          'host_malloc.restart_with_huge_pages(); '
+          'print(os.environ.get("GLIBC_TUNABLES", "-"), sys.argv[1:], os.getpid(), flush=True)')
+
+
+def _probe(env_extra, *args):
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'DPTRAIN_MALLOC', host_malloc._RESTARTED)}
+  env.update(env_extra)
+  out = subprocess.run([sys.executable, '-c', _PROBE, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60, check=True).stdout.splitlines()
+  return out
+
+
+def _thp_madvise() -> bool:
+  try:
+    with open(host_malloc._THP_MODE) as f:
+      return '[madvise]' in f.read()
+  except OSError:
+    return False
+
+
+@glibc_only
+def test_thresholds_apply_on_glibc():
+  assert host_malloc.keep_freed_memory() is True
+
+
+@glibc_only
+def test_restart_sets_the_tunable_once_and_keeps_the_arguments():
+  if not _thp_madvise():
+    pytest.skip('transparent huge pages are not in madvise mode here: the restart is skipped by design')
+  out = _probe({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=4'}, '--a=1', 'b c')
+  assert out[:2] == ['start', 'start'] and len(out) == 3, out  # Two starts (the exec), one finish.
+  tunables, rest = out[2].split(' ', 1)
+  assert tunables == 'glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1'
+  assert "['--a=1', 'b c']" in rest
+
+
+@glibc_only
+def test_restart_is_off_with_dptrain_malloc_glibc_or_a_chosen_tunable():
+  out = _probe({'DPTRAIN_MALLOC': 'glibc'})
+  assert len(out) == 2 and out[1].startswith('- '), out  # One start: no restart.
+  out = _probe({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'})
+  assert len(out) == 2 and out[1].startswith('glibc.malloc.hugetlb=0 '), out
+
+
+def test_reference_env_restores_the_original_tunables(monkeypatch):
+  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1')
+  monkeypatch.setenv(host_malloc._RESTARTED, 'glibc.malloc.arena_max=4')
+  env = host_malloc.glibc_default_env()
+  assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=4' and env['DPTRAIN_MALLOC'] == 'glibc'
+  assert host_malloc._RESTARTED not in env
+  monkeypatch.setenv(host_malloc._RESTARTED, '')
+  assert 'GLIBC_TUNABLES' not in host_malloc.glibc_default_env()
+
+
+def test_huge_pages_by_config():
+  from configs import default
+  c = default.get_config()
+  wanted = lambda **kw: host_malloc.huge_pages_wanted(_with(c, **kw))
+  assert not wanted()  # The seed's CNN: measured slower with huge pages.
+  assert not wanted(model='mlp') and wanted(model='resnet18') and wanted(model='vit_ti')
+  assert wanted(huge_pages='on') and not wanted(model='resnet50', huge_pages='off')
+
+
+def _with(config, **overrides):
+  c = config.copy_and_resolve_references()
+  c.update(overrides)
+  return c
