@@ -91,7 +91,10 @@ def restart_with_huge_pages() -> None:
   env[_RESTARTED] = tunables
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+  try:
+    os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+  except OSError:  # No executable to restart (an embedded interpreter): go on without huge pages.
+    pass
 
 
 def glibc_default_env() -> dict:

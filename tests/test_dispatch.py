@@ -85,25 +85,23 @@ def _args(data_dir, *extra):  # configs/tiny.py: 8 steps per epoch; 96 steps, ev
 
 @pytest.mark.slow
 def test_run_with_steps_per_dispatch_equals_single_steps_and_resumes(tmp_path, data_dir):
-  single, multi, term = (str(tmp_path / name) for name in ('single', 'multi', 'term'))
+  """k=3, preempted mid-run and resumed: the same events at the same steps, the same evals and the same final
+  state as single steps without a stop."""
+  single, term = str(tmp_path / 'single'), str(tmp_path / 'term')
   assert harness.run_train(single, *_args(data_dir)).returncode == 0
-  proc = harness.run_train(multi, *_args(data_dir, '--config.steps_per_dispatch=3'))
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  a, b = harness.metrics(single), harness.metrics(multi)
-  assert [(e['kind'], e['step']) for e in a] == [(e['kind'], e['step']) for e in b]  # Same events, same steps.
-  for x, y in zip(a, b):
-    for key in ('train_loss', 'test_loss', 'test_accuracy'):
-      if key in x:
-        assert abs(x[key] - y[key]) < 1e-6, (x, y)
-  harness.assert_states_close(harness.load_checkpoint(single), harness.load_checkpoint(multi), atol=1e-6)
-  # Preempted mid-run: the save lands at a dispatch end and the resumed run finishes the same training.
   log = str(tmp_path / 'term.log')
   proc = harness.start_train(term, *_args(data_dir, '--config.steps_per_dispatch=3'), log_path=log)
   assert harness.wait_for(lambda: any(e['step'] >= 20 for e in harness.metrics(term)) or proc.poll() is not None)
   proc.send_signal(signal.SIGTERM)
   assert proc.wait(timeout=120) == 0
   stopped = harness.checkpoint_steps(term)
-  assert len(stopped) == 1 and stopped[0] < 96, stopped
+  assert len(stopped) == 1 and stopped[0] < 96, stopped  # The save lands at a dispatch end.
   final = harness.run_train(term, *_args(data_dir, '--config.steps_per_dispatch=3'))
   assert final.returncode == 0 and f'resuming at step {stopped[0]}' in final.stderr, final.stderr[-3000:]
+  a, b = harness.metrics(single), harness.metrics(term)
+  assert [(e['kind'], e['step']) for e in a] == [(e['kind'], e['step']) for e in b]  # Same events, same steps.
+  for x, y in zip(a, b):
+    if x['kind'] == 'eval':  # (A train event's window after the resume is shorter: its mean differs.)
+      for key in ('test_loss', 'test_accuracy'):
+        assert abs(x[key] - y[key]) < 1e-5, (x, y)
   harness.assert_states_close(harness.load_checkpoint(single), harness.load_checkpoint(term), atol=1e-5)

@@ -240,7 +240,7 @@ def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
   """Hand computation: loss and accuracy of (f(x) + f(mirror x)) / 2 over the test split, every example once
   (24 examples over 4 devices and eval batches of 16: the last batch is padded)."""
   data = _data((8, 8, 1))
-  config = _config(model='cnn', batch_size=16, eval_batch_size=16, eval_flip=True)
+  config = _config(model='mlp', batch_size=16, eval_batch_size=16, eval_flip=True)
   job, state, _ = _run(config, 4, data, _batches(data, 2, 16))
   got = loop.evaluate(job, state)
   images, labels = data.test_images.astype(np.float32) / 255, data.test_labels
@@ -250,6 +250,6 @@ def test_eval_flip_averages_the_logits_of_each_image_and_its_mirror():
   np.testing.assert_allclose(got['test_loss'], np.mean(optax.softmax_cross_entropy_with_integer_labels(
       logits, labels)), rtol=1e-5)
   assert got['test_accuracy'] == pytest.approx(np.mean(np.argmax(logits, -1) == labels))
-  plain = loop.evaluate(job_lib.build(_config(model='cnn', batch_size=16, eval_batch_size=16), mesh=job.mesh,
+  plain = loop.evaluate(job_lib.build(_config(model='mlp', batch_size=16, eval_batch_size=16), mesh=job.mesh,
                                       data=data), state)
   assert plain['test_loss'] != got['test_loss']
