@@ -79,7 +79,7 @@ def restart_with_huge_pages() -> None:
   if os.environ.get('DPTRAIN_MALLOC', '') == 'glibc' or _RESTARTED in os.environ:
     return
   tunables = os.environ.get('GLIBC_TUNABLES', '')
-  if 'glibc.malloc.hugetlb' in tunables or platform.libc_ver()[0] != 'glibc' or not hasattr(sys, 'orig_argv'):
+  if 'glibc.malloc.hugetlb' in tunables or platform.libc_ver()[0] != 'glibc' or not _own_command_line():
     return
   try:
     with open(_THP_MODE) as f:
@@ -95,6 +95,14 @@ def restart_with_huge_pages() -> None:
     os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
   except OSError:  # No executable to restart (an embedded interpreter): go on without huge pages.
     pass
+
+
+def _own_command_line() -> bool:
+  """Whether re-running `sys.orig_argv` re-runs this program: its arguments end the interpreter's command line.
+  Not so inside another program that patched `sys.argv` (a notebook kernel running train.py via runpy)."""
+  if not hasattr(sys, 'orig_argv') or len(sys.argv) < 2:
+    return False
+  return sys.orig_argv[len(sys.orig_argv) - len(sys.argv) + 1:] == sys.argv[1:]
 
 
 def glibc_default_env() -> dict:

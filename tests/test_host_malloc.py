@@ -82,3 +82,16 @@ def _with(config, **overrides):
   c = config.copy_and_resolve_references()
   c.update(overrides)
   return c
+
+
+@glibc_only
+def test_no_restart_inside_another_program():
+  """A host program that patched sys.argv (a notebook running train.py) must not be re-executed."""
+  if not _thp_madvise():
+    pytest.skip('transparent huge pages are not in madvise mode here')
+  code = ('import sys; sys.argv = ["train.py", "--config=x"]; from parallel import host_malloc; print("start", '
+          'flush=True); host_malloc.restart_with_huge_pages(); print("end", flush=True)')
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'DPTRAIN_MALLOC', host_malloc._RESTARTED)}
+  out = subprocess.run([sys.executable, '-c', code, '--other'], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=60, check=True).stdout.splitlines()
+  assert out == ['start', 'end'], out
