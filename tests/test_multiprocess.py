@@ -59,7 +59,11 @@ def test_killed_peer_fails_the_survivor_then_both_resume(tmp_path, data_dir):
   elapsed = time.time() - t0
   assert code != 0 and elapsed < 120, (code, elapsed)
   survivor = open(logs[0]).read()
-  assert 'another task died' in survivor or 'heartbeat' in survivor, survivor[-3000:]
+  # Usually JAX's coordination service reports the dead task. When the kill lands mid-collective, gloo's TCP
+  # transport may read the dead peer's half-sent message first and abort the survivor from C++ (a thread
+  # dump, not one line: a known limitation in README "Multi-host"). Either way it stops at once, and resumes.
+  assert ('another task died' in survivor or 'heartbeat' in survivor
+          or 'gloo' in survivor and 'Fatal Python error: Aborted' in survivor), survivor[-3000:]
   last = harness.checkpoint_steps(workdir)[-1]
   logs2 = [str(tmp_path / f'r{i}.log') for i in (0, 1)]
   procs = _start_pair(workdir, f'--config.data_dir={data_dir}', f'--config.num_train_steps={last + 8}', logs=logs2)
