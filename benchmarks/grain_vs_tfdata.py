@@ -68,17 +68,19 @@ class _Examples:
     from input_pipeline import order
     self._order, self._n, self._batch, self._steps = order, source.num_examples('train'), batch, steps
     self._spe = order.steps_per_epoch(self._n, batch)
-    self._epoch, self._rows = -1, None
+    self._cached = (-1, None)  # (epoch, its batches): one tuple, swapped whole, as Grain's threads read it.
 
   def __len__(self):
     return self._steps * self._batch
 
   def __getitem__(self, j):
     step = j // self._batch
-    if step // self._spe != self._epoch:
-      self._epoch = step // self._spe
-      self._rows = self._order.epoch_batches(0, self._epoch, self._n, self._batch)
-    return step, int(self._rows[step % self._spe][j % self._batch])
+    epoch, rows = self._cached
+    if step // self._spe != epoch:
+      epoch = step // self._spe
+      rows = self._order.epoch_batches(0, epoch, self._n, self._batch)
+      self._cached = (epoch, rows)
+    return step, int(rows[step % self._spe][j % self._batch])
 
 
 def _pil_crop(data: bytes, size: int, rng):

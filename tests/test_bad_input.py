@@ -28,6 +28,9 @@ VALUE_CASES = {  # --config.KEY=VALUE -> what the error line must say besides th
     'bn_mode=sync': 'global, local', 'dtype=float16': 'float32, bfloat16', 'model=resnet': 'cnn, mlp',
     'seed=-1': '[0, 2**31)',
 }
+# These also go through train.py (exit status, one line, no workdir): a number, a NaN and a name. The rest
+# are checked against `config_check.validate` in-process by test_every_config_value_is_checked (quick).
+THROUGH_TRAIN_PY = ('batch_size=-64', 'learning_rate=nan', 'optimizer=lamb')
 
 
 class Ctx:
@@ -174,7 +177,7 @@ CASES = {  # name -> fn(ctx); the slow chain first so that it overlaps everythin
     'config_syntax': _syntax_error_config,
     'config_unknown_key': lambda c: _run(c, 'unknown_key', '--config.batchsize=32'),
     'config_bad_type': lambda c: _run(c, 'bad_type', '--config.batch_size=abc'),
-    **{f'value:{kv}': (lambda kv: lambda c: _run(c, kv, f'--config.{kv}'))(kv) for kv in VALUE_CASES},
+    **{f'value:{kv}': (lambda kv: lambda c: _run(c, kv, f'--config.{kv}'))(kv) for kv in THROUGH_TRAIN_PY},
     'verbose': lambda c: _run(c, 'verbose', '--config.batch_size=0', '--verbose'),
     'verbose_1': lambda c: _run(c, 'verbose_1', '--config.batch_size=0', '--verbose=1'),
     'config_missing_keys': _config_missing_keys,
@@ -292,12 +295,30 @@ def test_config_value_of_wrong_type(runs, case):
   _assert_refused(runs.result(case), '--config.batch_size=abc', 'type')
 
 
-@_case(*[f'value:{kv}' for kv in VALUE_CASES])
-def test_config_value_out_of_range(runs, case):
-  kv = case.split(':', 1)[1]
+def _assert_names_value(line: str, kv: str):
   key, value = kv.split('=')
-  line = _assert_refused(runs.result(case), f'--config.{key}=', 'is invalid', VALUE_CASES[kv])
-  assert value.lstrip('-') in line
+  for text in (f'--config.{key}=', 'is invalid', VALUE_CASES[kv], value.lstrip('-')):
+    assert text in line, f'{text!r} not in {line!r}'
+
+
+@_case(*[f'value:{kv}' for kv in THROUGH_TRAIN_PY])
+def test_config_value_out_of_range(runs, case):
+  _assert_names_value(_assert_refused(runs.result(case)), case.split(':', 1)[1])
+
+
+@pytest.mark.parametrize('kv', list(VALUE_CASES))
+def test_every_config_value_is_checked(kv):
+  """The same message train.py prints, from the check it calls before touching anything."""
+  from errors import UserError
+  from trainer import config_check
+  from configs import default
+  config = default.get_config()
+  key, value = kv.split('=')
+  with config.unlocked():
+    config[key] = type(config[key])(value)
+  with pytest.raises(UserError) as e:
+    config_check.validate(config)
+  _assert_names_value(str(e.value), kv)
 
 
 @_case('dataset_unknown')
