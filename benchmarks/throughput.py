@@ -1,7 +1,7 @@
 """Training throughput of the real step, pipeline and feed, per backend x device count x global batch.
 
   python -m benchmarks.throughput [--quick] [--backends=shard_map,pmap] [--devices=1,2,4,8] [--batches=128,512]
-                                  [--models=cnn,resnet18,vit_ti]
+                                  [--models=cnn,resnet18,vit_ti] [--rounds=N] [--torch=PYTHON]
 
 Every row builds the default recipe (configs/default.py: the CNN, SGD lr 0.01 momentum 0.99) with
 `trainer.job.build` (the trainer's own job builder), compiles its step, and feeds it real Fashion-MNIST batches through
@@ -19,6 +19,10 @@ It prints the CPU model, the table (columns: see --help, the same names as the R
 load average at the start and end of every process: on a machine shared with other jobs every column except
 `compile s` and flops moves with the load, so compare rows of one run. `--json=FILE` writes every row, the
 per-window figures and the machine (CPU model, cores, JAX, XLA flags, load averages per process) to FILE.
+The ratio targets (issue 13: the default job vs the seed's loop and vs PyTorch) are measured with
+`--devices=2 --batches=128 --rounds=5 --torch=/tmp/torchvenv/bin/python`: every round runs the seed's loop,
+PyTorch and the trainer's row one after the other (alternating the order), and the ratios print per round,
+since a neighbour's load on a shared VM moves single rounds by 10-20%.
 """
 
 import argparse
@@ -103,8 +107,18 @@ def parse_args(argv):
   p.add_argument('--models', default='cnn', help=f'comma list of {",".join(MODEL_ROWS)} (default cnn)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                  help='a configs/default.py field for every row, e.g. --set=conv_impl=xla (repeatable)')
+  p.add_argument('--rounds', type=int, default=1,
+                 help='run the whole set of row processes N times, each round in the opposite order of the one '
+                      'before; each row reports its median round, and a line prints every round\'s ratio to the '
+                      'reference (on a shared VM the load moves between processes: one round can mislead)')
+  p.add_argument('--torch', metavar='PYTHON',
+                 help='also run benchmarks/torch_cnn.py (the same CNN and recipe in PyTorch eager, channels_last, '
+                      'its default threads) with this interpreter, as a `pytorch` row of every round and batch '
+                      '(torch is not a dependency: e.g. /tmp/torchvenv/bin/python, see the README)')
   p.add_argument('--json', help='write every row, window and machine detail as one JSON object to this file')
   args = p.parse_args(argv)
+  if args.rounds < 1:
+    p.error('--rounds needs a positive integer')
   defaults = QUICK if args.quick else FULL
   for key, value in defaults.items():
     if getattr(args, key) is None:
@@ -136,14 +150,19 @@ def run_per_device_count(args, argv) -> int:
   import tempfile
   rows, peaks, children = [], [], []
   passthrough = [a for a in argv if not a.startswith(('--devices', '--json', '--simulated_devices', '--no_reference',
-                                                      '--reference_only'))]
+                                                      '--reference_only', '--rounds', '--torch'))]
   # The seed's loop runs in a process of its own with glibc's default malloc settings, as the seed ran it
   # (parallel/host_malloc.py is the trainer's); the trainer rows run one process per device count.
   from parallel import host_malloc
   runs = ([] if args.no_reference else [(1, ['--reference_only'], host_malloc.glibc_default_env())])
   runs += [(k, ['--no_reference'], None) for k in sorted(args.devices)]
+  runs += [('torch', [], None)] if args.torch else []
+  rounds = [runs if r % 2 == 0 else runs[::-1] for r in range(args.rounds)]
   with tempfile.TemporaryDirectory() as tmp:
-    for i, (k, extra, env) in enumerate(runs):
+    for i, (r, (k, extra, env)) in enumerate((r, run) for r, order in enumerate(rounds) for run in order):
+      if k == 'torch':
+        rows += [dict(row, round=r) for row in torch_rows(args)]
+        continue
       out = os.path.join(tmp, f'{i}.json')
       cmd = [sys.executable, '-m', 'benchmarks.throughput', *passthrough, f'--devices={k}',
              f'--simulated_devices={k}', f'--json={out}'] + extra
@@ -153,31 +172,90 @@ def run_per_device_count(args, argv) -> int:
         continue
       with open(out) as f:
         child = json.load(f)
-      rows += child['rows']
+      rows += [dict(row, round=r) for row in child['rows']]
       peaks.append(child['peak_gflops'])
-      children.append(dict(child['machine'], devices=k))
+      children.append(dict(child['machine'], devices=k, round=r))
   if not rows:
     return 1
+  all_rounds = rows
+  rows = median_rounds(rows)
   peak = max(peaks)
   for row in rows:  # One denominator for every row: the best peak any child measured.
     if row.get('gflops') is not None:
       row['pct_peak'] = 100 * row['gflops'] / peak
-  order = {'reference': 0, 'shard_map': 1, 'pmap': 2}
+  order = {'reference': 0, 'pytorch': 1, 'shard_map': 2, 'pmap': 3}
   rows.sort(key=lambda r: (r['batch'], order.get(r['backend'], 3), r['devices']))
   print(f'CPU: {cpu_model()}, {os.cpu_count()} cores')
   print(table(rows))
   loads = ', '.join(f'{c["devices"]} dev {c["loadavg_start"]:.2f}->{c["loadavg_end"]:.2f}' for c in children)
   print(f'(one process per device count; median of timed windows; peak = best float32 matmul {peak:.1f} '
         f'GFLOP/s measured in these runs; load average at start->end of each process: {loads})')
+  if args.rounds > 1:
+    print(f'(each row: its median of {args.rounds} rounds, alternating order)')
+  for baseline in ('reference', 'pytorch'):
+    for line in round_ratios(all_rounds, baseline):
+      print(line)
   if args.json:
     machine = {k: v for k, v in children[0].items() if k not in ('devices', 'loadavg_start', 'loadavg_end',
                                                                    'simulated_devices')}
     summary = {'machine': machine, 'processes': [{k: c[k] for k in ('devices', 'simulated_devices', 'loadavg_start',
                                                                      'loadavg_end')} for c in children],
-               'peak_gflops': peak, 'rows': rows}
+               'peak_gflops': peak, 'rows': rows, 'rounds': args.rounds,
+               'rows_every_round': all_rounds if args.rounds > 1 else None}
     with open(args.json, 'w') as f:
       f.write(json.dumps(summary) + '\n')
   return 0
+
+
+def _row_key(row):
+  return row['backend'], row['devices'], row['batch']
+
+
+def median_rounds(rows):
+  """One row per (backend, devices, batch): the round with the median img/s (the lower median for an even
+  count), so every column of a row comes from one measurement."""
+  groups = collections.defaultdict(list)
+  for row in rows:
+    groups[_row_key(row)].append(row)
+  out = []
+  for group in groups.values():
+    ok = sorted((r for r in group if 'error' not in r), key=lambda r: r['images_per_s'])
+    out.append(ok[(len(ok) - 1) // 2] if ok else group[0])
+  return out
+
+
+def round_ratios(rows, baseline: str = 'reference'):
+  """Per data-parallel row, its img/s over the `baseline` row of the same batch, in every round with both."""
+  base = {(r['round'], r['batch']): r['images_per_s'] for r in rows if r['backend'] == baseline and 'error' not in r}
+  ratios = collections.defaultdict(list)
+  for r in rows:
+    if r['backend'] not in ('reference', 'pytorch') and 'error' not in r and (r['round'], r['batch']) in base:
+      ratios[_row_key(r)].append(r['images_per_s'] / base[(r['round'], r['batch'])])
+  for (backend, k, batch), values in sorted(ratios.items()):
+    yield (f'{backend} {k} dev batch {batch} / {baseline}, per round: ' + ', '.join(f'{v:.2f}x' for v in values) +
+           f' (median {statistics.median(values):.2f}x)')
+
+
+def torch_rows(args):
+  """`pytorch` rows from benchmarks/torch_cnn.py under another interpreter (its last stdout line is JSON)."""
+  import subprocess
+  rows = []
+  for batch in args.batches:
+    cmd = [args.torch, '-m', 'benchmarks.torch_cnn', '--channels_last', f'--batch={batch}',
+           f'--warmup_s={args.warmup_s}', f'--window_s={args.window_s}', f'--windows={args.windows}']
+    print(f'--- pytorch: {" ".join(cmd)}', file=sys.stderr, flush=True)
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__))))
+      result = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, KeyError) as e:
+      rows.append({'backend': 'pytorch', 'devices': 1, 'batch': batch, 'error': f'{args.torch}: {e}'[:500]})
+      continue
+    rows.append({'backend': 'pytorch', 'devices': 1, 'batch': batch, 'images_per_s': result['images_per_s'],
+                 'ms_per_step': result['ms_per_step'], 'input_wait': result['input_share'], 'cpu_cores': None,
+                 'compile_s': result['first_step_s'], 'gflops': None, 'pct_peak': None, 'maxrss_mb': None,
+                 'torch': result['framework'], 'threads': result['threads']})
+  return rows
 
 
 def cpu_model() -> str:

@@ -65,3 +65,18 @@ def test_throughput_set_refuses_the_fields_rows_set():
     throughput.parse_args(['--set=batch_size=64'])
   with pytest.raises(SystemExit):
     throughput.parse_args(['--set=no_such_field=1'])
+
+
+def test_rounds_report_the_median_round_and_every_ratio():
+  from benchmarks import throughput
+  rows = [{'backend': 'reference', 'devices': 1, 'batch': 128, 'images_per_s': v, 'round': r, 'cpu': r}
+          for r, v in enumerate((900.0, 1000.0, 800.0))]
+  rows += [{'backend': 'shard_map', 'devices': 2, 'batch': 128, 'images_per_s': v, 'round': r, 'cpu': r}
+           for r, v in enumerate((2700.0, 2000.0, 2400.0))]
+  rows.append({'backend': 'pmap', 'devices': 2, 'batch': 128, 'error': 'stuck', 'round': 0})
+  merged = {r['backend']: r for r in throughput.median_rounds(rows)}
+  assert merged['reference']['images_per_s'] == 900.0 and merged['reference']['cpu'] == 0  # One whole round.
+  assert merged['shard_map']['images_per_s'] == 2400.0 and merged['shard_map']['cpu'] == 2
+  assert 'error' in merged['pmap']
+  (line,) = throughput.round_ratios(rows)
+  assert line.startswith('shard_map 2 dev batch 128') and '3.00x, 2.00x, 3.00x (median 3.00x)' in line, line
