@@ -119,6 +119,8 @@ def parse_args(argv):
   args = p.parse_args(argv)
   if args.rounds < 1:
     p.error('--rounds needs a positive integer')
+  if args.simulated_devices and (args.rounds > 1 or args.torch):
+    p.error('--rounds and --torch run one process per row: drop --simulated_devices')
   defaults = QUICK if args.quick else FULL
   for key, value in defaults.items():
     if getattr(args, key) is None:
@@ -184,7 +186,7 @@ def run_per_device_count(args, argv) -> int:
     if row.get('gflops') is not None:
       row['pct_peak'] = 100 * row['gflops'] / peak
   order = {'reference': 0, 'pytorch': 1, 'shard_map': 2, 'pmap': 3}
-  rows.sort(key=lambda r: (r['batch'], order.get(r['backend'], 3), r['devices']))
+  rows.sort(key=lambda r: (r['batch'], order.get(r['backend'], len(order)), r['devices']))
   print(f'CPU: {cpu_model()}, {os.cpu_count()} cores')
   print(table(rows))
   loads = ', '.join(f'{c["devices"]} dev {c["loadavg_start"]:.2f}->{c["loadavg_end"]:.2f}' for c in children)
@@ -244,12 +246,16 @@ def torch_rows(args):
     cmd = [args.torch, '-m', 'benchmarks.torch_cnn', '--channels_last', f'--batch={batch}',
            f'--warmup_s={args.warmup_s}', f'--window_s={args.window_s}', f'--windows={args.windows}']
     print(f'--- pytorch: {" ".join(cmd)}', file=sys.stderr, flush=True)
+    proc = None
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(
           os.path.abspath(__file__))))
       result = json.loads(proc.stdout.strip().splitlines()[-1])
-    except (OSError, ValueError, IndexError, KeyError) as e:
-      rows.append({'backend': 'pytorch', 'devices': 1, 'batch': batch, 'error': f'{args.torch}: {e}'[:500]})
+    except (OSError, ValueError, IndexError) as e:
+      tail = proc.stderr.strip().splitlines()[-1:] if proc else []  # e.g. "No module named 'torch'"
+      error = ' '.join([f'{args.torch}: {e.__class__.__name__}: {e}', *tail])[:500]
+      print(f'--- pytorch failed: {error}', file=sys.stderr, flush=True)
+      rows.append({'backend': 'pytorch', 'devices': 1, 'batch': batch, 'error': error})
       continue
     rows.append({'backend': 'pytorch', 'devices': 1, 'batch': batch, 'images_per_s': result['images_per_s'],
                  'ms_per_step': result['ms_per_step'], 'input_wait': result['input_share'], 'cpu_cores': None,

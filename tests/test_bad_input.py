@@ -29,7 +29,7 @@ VALUE_CASES = {  # --config.KEY=VALUE -> what the error line must say besides th
     'seed=-1': '[0, 2**31)',
 }
 # These also go through train.py (exit status, one line, no workdir): a number, a NaN and a name. The rest
-# are checked against `config_check.validate` in-process by test_every_config_value_is_checked (quick).
+# are checked against `config_check.validate` in-process by test_every_config_value_is_checked.
 THROUGH_TRAIN_PY = ('batch_size=-64', 'learning_rate=nan', 'optimizer=lamb')
 
 
