@@ -11,16 +11,17 @@ from typing import Callable, Dict
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import cnn, conv, mlp, resnet, vit
+from models import cnn, conv, mlp, norm, resnet, vit
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
-    'cnn': lambda config, **kw: cnn.CNN(conv=conv.conv_for(config.conv_impl), **kw),
+    'cnn': lambda config, **kw: cnn.CNN(conv=conv.conv_for(config.conv_impl), bn_impl=config.bn_impl, **kw),
     'mlp': lambda config, **kw: mlp.MLP(**kw),
     **{name: functools.partial(resnet.build, name) for name in resnet.DEPTHS},
     **{name: functools.partial(vit.build, name) for name in vit.SIZES},
 }
 
 CONV_IMPLS = conv.IMPLS  # config.conv_impl: 'auto' = the matmul kernel gradient on CPU, XLA's elsewhere
+BN_IMPLS = norm.IMPLS  # config.bn_impl: 'auto' = the hand-differentiated BatchNorm on CPU, flax's elsewhere
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

@@ -6,6 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
+from models import norm
+
 
 class CNN(nn.Module):
   """Small NHWC convnet for 28x28 (or any HxW) images.
@@ -17,17 +19,16 @@ class CNN(nn.Module):
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
   conv: Callable = lax.conv_general_dilated  # models/conv.py: the CPU's faster kernel gradient
+  bn_impl: str = 'flax'  # models/norm.py: 'fused' = BatchNorm-ReLU-pool with a hand-written backward pass
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                axis_name=self.bn_axis_name if train else None,
-                                dtype=self.dtype, param_dtype=jnp.float32)
     x = x.astype(self.dtype)
     for features in (32, 64):
       x = nn.Conv(features, (3, 3), dtype=self.dtype, param_dtype=jnp.float32, conv_general_dilated=self.conv)(x)
-      x = nn.relu(norm()(x))
-      x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+      x = norm.batch_norm(self.bn_impl, relu=True, pool=True, use_running_average=not train, momentum=0.9,
+                          epsilon=1e-5, axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
+                          param_dtype=jnp.float32)(x)  # = nn.avg_pool(nn.relu(nn.BatchNorm(...)(x)), (2, 2), (2, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(256, dtype=self.dtype, param_dtype=jnp.float32)(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)(x)

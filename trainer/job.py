@@ -13,6 +13,7 @@ from jax import lax
 from errors import UserError, setting
 from input_pipeline import augment, device_feed, order, pipeline, sources
 import models.conv
+import models.norm
 from models import create_model
 from parallel import mesh as mesh_lib
 from parallel import steps
@@ -42,11 +43,13 @@ class Job:
 
   def flops_stepper(self) -> steps.Stepper:
     """A stepper of the same math for XLA's cost analysis: with `conv_impl`'s chunked kernel gradients (a
-    `lax.scan`) XLA counts a loop body once, not once per trip, so FLOPs are counted on XLA's convolutions."""
-    if models.conv.conv_for(self.config.conv_impl) is lax.conv_general_dilated:
+    `lax.scan`) XLA counts a loop body once, not once per trip, so FLOPs are counted on XLA's convolutions
+    (and on flax's BatchNorm, so that `bn_impl` does not change the model's count)."""
+    if (models.conv.conv_for(self.config.conv_impl) is lax.conv_general_dilated
+        and models.norm.resolve(self.config.bn_impl) == 'flax'):
       return self.stepper
     c = self.config.copy_and_resolve_references()
-    c.conv_impl = 'xla'
+    c.conv_impl, c.bn_impl = 'xla', 'flax'
     model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=steps.BN_MODES[c.bn_mode])
     eval_model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=None)
     return steps.make_stepper(c, self.mesh, model, eval_model, self.tx)

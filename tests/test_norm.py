@@ -1,0 +1,156 @@
+"""models/norm.py: the hand-differentiated BatchNorm(-ReLU-pool) is flax's math, values and gradients."""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from configs import default
+from input_pipeline import sources
+from models import create_model, norm
+from parallel import mesh as mesh_lib
+from trainer import config_check, job as job_lib
+
+KW = dict(momentum=0.9, epsilon=1e-5, param_dtype=jnp.float32)
+
+
+class Block(nn.Module):
+  """One `norm.batch_norm` in a parent scope, as the models build it."""
+  impl: str
+  relu: bool
+  pool: bool
+  train: bool = True
+  axis_name: str = None
+  dtype: object = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return norm.batch_norm(self.impl, relu=self.relu, pool=self.pool, use_running_average=not self.train,
+                           axis_name=self.axis_name if self.train else None, dtype=self.dtype, **KW)(x)
+
+
+def _input(shape, seed=0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.standard_normal(shape) * 2.0 + 0.5, jnp.float32)
+
+
+def _variables(shape, seed=1):
+  """Both implementations' variables (the same tree), made non-trivial."""
+  v = Block('flax', True, False).init(jax.random.PRNGKey(0), jnp.zeros(shape))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), jnp.float32), v)
+
+
+def _loss_and_grads(impl, relu, pool, variables, x, axis_name=None):
+  """Train-mode output, new batch_stats and gradients of a non-trivial loss w.r.t. params and x."""
+  block = Block(impl, relu, pool, axis_name=axis_name)
+  weights = jnp.cos(jnp.arange(np.prod(block.apply(variables, x, mutable=['batch_stats'])[0].shape[1:])))
+
+  def loss(params, x):
+    y, updates = block.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                             mutable=['batch_stats'])
+    return jnp.sum(jnp.sin(y.reshape(y.shape[0], -1)) * weights), (y, updates['batch_stats'])
+
+  (_, (y, stats)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(variables['params'], x)
+  return y, stats, grads
+
+
+def _assert_trees_close(got, want, rtol=1e-5):
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(1.0, float(jnp.abs(b).max())))
+
+
+@pytest.mark.parametrize('shape,relu,pool', [
+    ((6, 28, 28, 8), True, True),    # the CNN's block
+    ((5, 7, 9, 4), True, True),      # odd sizes: the pool drops the last row and column
+    ((4, 6, 6, 3), True, False),     # the ResNets' BatchNorm-ReLU
+    ((4, 6, 6, 3), False, False),    # plain BatchNorm (before a residual add)
+])
+def test_fused_equals_flax_one_device(shape, relu, pool):
+  x, variables = _input(shape), _variables(shape)
+  want = jax.jit(functools.partial(_loss_and_grads, 'flax', relu, pool))(variables, x)
+  got = jax.jit(functools.partial(_loss_and_grads, 'fused', relu, pool))(variables, x)
+  _assert_trees_close(got, want)
+  for train in (False,):  # eval: the running statistics
+    ev = lambda impl: Block(impl, relu, pool, train=train).apply(variables, x)
+    _assert_trees_close(ev('fused'), ev('flax'))
+
+
+def test_fused_equals_flax_with_statistics_over_devices():
+  """4 devices, statistics over the mesh axis (bn_mode=global) under shard_map: each device's output, input
+  gradient and parameter gradient (before the step's pmean) match flax's."""
+  mesh = mesh_lib.make_mesh(4)
+  x, variables = _input((16, 12, 12, 8)), _variables((16, 12, 12, 8))
+
+  def run(impl):
+    body = functools.partial(_loss_and_grads, impl, True, True, axis_name=mesh_lib.AXIS)
+    per_device = lambda v, x: jax.tree.map(lambda a: a[None], body(v, x))
+    step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(mesh_lib.AXIS)),
+                                 out_specs=P(mesh_lib.AXIS), check_vma=False))
+    return step(jax.device_put(variables, NamedSharding(mesh, P())),
+                jax.device_put(x, NamedSharding(mesh, P(mesh_lib.AXIS))))
+
+  got, want = run('fused'), run('flax')
+  _assert_trees_close(got, want)
+  # The statistics really are global: every device's new running mean is the same.
+  means = np.asarray(got[1]['BatchNorm_0']['mean'])
+  np.testing.assert_allclose(means, np.broadcast_to(means[0], (4, 8)), rtol=1e-6)
+
+
+def test_bfloat16_compute_stays_close_to_flax():
+  x, variables = _input((4, 8, 8, 8)), _variables((4, 8, 8, 8))
+  run = lambda impl: Block(impl, True, True, dtype=jnp.bfloat16).apply(variables, x.astype(jnp.bfloat16),
+                                                                       mutable=['batch_stats'])
+  (y, stats), (want_y, want_stats) = run('fused'), run('flax')
+  assert y.dtype == want_y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(y), np.float32(want_y), rtol=2e-2, atol=2e-2)
+  _assert_trees_close(stats, want_stats, rtol=1e-2)
+
+
+def test_bn_impl_selects_by_platform_and_is_validated():
+  assert norm.resolve('auto', 'cpu') == 'fused'
+  assert norm.resolve('auto', 'gpu') == norm.resolve('auto', 'tpu') == 'flax'
+  assert norm.resolve('flax', 'cpu') == 'flax'
+  c = default.get_config()
+  assert create_model(c, num_classes=10).bn_impl == 'auto'
+  c.bn_impl = 'batchnorm'
+  with pytest.raises(Exception, match='bn_impl'):
+    config_check.validate(c)
+
+
+@pytest.mark.parametrize('model,overrides', [
+    ('cnn', {}),
+    ('resnet18', {'resnet_width': 8, 'resnet_stages': '1,1', 'stem': 'small'}),
+])
+def test_train_steps_match_flax_batchnorm(model, overrides):
+  """Three steps of the trainer's own job on 2 devices, global statistics: bn_impl=fused vs flax. The states
+  have the same tree, so checkpoints move between the two."""
+  rng = np.random.default_rng(2)
+  pixels = rng.integers(0, 256, (3, 16, 16, 16, 1)).astype(np.uint8)
+  images = pixels.astype(np.float32) / 255
+  labels = rng.integers(0, 10, (3, 16)).astype(np.int32)
+  data = sources.InMemoryDataset(pixels.reshape(-1, 16, 16, 1), labels.reshape(-1), pixels[0], labels[0],
+                                 num_classes=10, source='test')
+  results = {}
+  for impl in ('flax', 'fused'):
+    c = default.get_config()
+    c.update(dict(model=model, batch_size=16, bn_impl=impl, learning_rate=0.05, momentum=0.9,
+                  lr_schedule='constant', **overrides))
+    job = job_lib.build(c, mesh=mesh_lib.make_mesh(2), data=data)
+    state = job.stepper.to_device(job.initial_state())
+    losses = []
+    for i in range(3):
+      state, m = job.stepper.train_step(state, job.stepper.place({'image': images[i], 'label': labels[i]}))
+      losses.append(float(job.stepper.metrics(m)['loss_sum']))
+    canonical = jax.device_get(job.stepper.to_canonical(state))
+    evals = job.stepper.eval_step(job.stepper.to_device(canonical), job.stepper.place(
+        {'image': images[0], 'label': labels[0], 'mask': np.ones(16, np.float32)}))
+    results[impl] = (losses, canonical.params, canonical.batch_stats, evals['loss_sum'])
+  np.testing.assert_allclose(results['fused'][0], results['flax'][0], rtol=1e-5)
+  for got, want in zip(results['fused'][1:], results['flax'][1:]):
+    _assert_trees_close(got, want, rtol=1e-4)
