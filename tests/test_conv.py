@@ -7,10 +7,9 @@ import pytest
 from jax import lax
 
 from configs import default
-from input_pipeline import sources
 from models import conv, create_model
-from parallel import mesh as mesh_lib
-from trainer import config_check, job as job_lib
+from tests import job_steps
+from trainer import config_check
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -86,26 +85,7 @@ def test_conv_impl_selects_by_platform_and_is_validated():
 def test_train_steps_match_xla_convolutions():
   """Three steps of the trainer's own job (the CNN) on 2 devices: conv_impl=matmul_wgrad vs xla, float
   tolerance. (The ResNets' stride-2, 1x1 and 7x7 convolutions are checked one by one above.)"""
-  overrides = {}
-  rng = np.random.default_rng(2)
-  pixels = rng.integers(0, 256, (3, 16, 16, 16, 1)).astype(np.uint8)
-  images = pixels.astype(np.float32) / 255
-  labels = rng.integers(0, 10, (3, 16)).astype(np.int32)
-  data = sources.InMemoryDataset(pixels.reshape(-1, 16, 16, 1), labels.reshape(-1), pixels[0], labels[0],
-                                 num_classes=10, source='test')
-  results = {}
-  for impl in ('xla', 'matmul_wgrad'):
-    c = default.get_config()
-    c.update(dict(batch_size=16, conv_impl=impl, learning_rate=0.05, momentum=0.9, lr_schedule='constant'),
-             **overrides)
-    job = job_lib.build(c, mesh=mesh_lib.make_mesh(2), data=data)
-    state = job.stepper.to_device(job.initial_state())
-    losses = []
-    for i in range(3):
-      state, m = job.stepper.train_step(state, job.stepper.place({'image': images[i], 'label': labels[i]}))
-      losses.append(float(job.stepper.metrics(m)['loss_sum']))
-    results[impl] = (losses, jax.device_get(job.stepper.to_canonical(state).params))
+  results = {impl: job_steps.run_steps({'conv_impl': impl}) for impl in ('xla', 'matmul_wgrad')}
   np.testing.assert_allclose(results['matmul_wgrad'][0], results['xla'][0], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(results['matmul_wgrad'][1]), jax.tree.leaves(results['xla'][1])):
+  for a, b in zip(jax.tree.leaves(results['matmul_wgrad'][1].params), jax.tree.leaves(results['xla'][1].params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-

@@ -10,10 +10,10 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from input_pipeline import sources
 from models import create_model, norm
 from parallel import mesh as mesh_lib
-from trainer import config_check, job as job_lib
+from tests import job_steps
+from trainer import config_check
 
 KW = dict(momentum=0.9, epsilon=1e-5, param_dtype=jnp.float32)
 
@@ -130,27 +130,8 @@ def test_bn_impl_selects_by_platform_and_is_validated():
 def test_train_steps_match_flax_batchnorm(model, overrides):
   """Three steps of the trainer's own job on 2 devices, global statistics: bn_impl=fused vs flax. The states
   have the same tree, so checkpoints move between the two."""
-  rng = np.random.default_rng(2)
-  pixels = rng.integers(0, 256, (3, 16, 16, 16, 1)).astype(np.uint8)
-  images = pixels.astype(np.float32) / 255
-  labels = rng.integers(0, 10, (3, 16)).astype(np.int32)
-  data = sources.InMemoryDataset(pixels.reshape(-1, 16, 16, 1), labels.reshape(-1), pixels[0], labels[0],
-                                 num_classes=10, source='test')
-  results = {}
-  for impl in ('flax', 'fused'):
-    c = default.get_config()
-    c.update(dict(model=model, batch_size=16, bn_impl=impl, learning_rate=0.05, momentum=0.9,
-                  lr_schedule='constant', **overrides))
-    job = job_lib.build(c, mesh=mesh_lib.make_mesh(2), data=data)
-    state = job.stepper.to_device(job.initial_state())
-    losses = []
-    for i in range(3):
-      state, m = job.stepper.train_step(state, job.stepper.place({'image': images[i], 'label': labels[i]}))
-      losses.append(float(job.stepper.metrics(m)['loss_sum']))
-    canonical = jax.device_get(job.stepper.to_canonical(state))
-    evals = job.stepper.eval_step(job.stepper.to_device(canonical), job.stepper.place(
-        {'image': images[0], 'label': labels[0], 'mask': np.ones(16, np.float32)}))
-    results[impl] = (losses, canonical.params, canonical.batch_stats, evals['loss_sum'])
-  np.testing.assert_allclose(results['fused'][0], results['flax'][0], rtol=1e-5)
-  for got, want in zip(results['fused'][1:], results['flax'][1:]):
-    _assert_trees_close(got, want, rtol=1e-4)
+  results = {impl: job_steps.run_steps(dict(model=model, bn_impl=impl, **overrides)) for impl in ('flax', 'fused')}
+  (losses, state, eval_loss), (want_losses, want_state, want_eval) = results['fused'], results['flax']
+  np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+  np.testing.assert_allclose(eval_loss, want_eval, rtol=1e-4)
+  _assert_trees_close((state.params, state.batch_stats), (want_state.params, want_state.batch_stats), rtol=1e-4)

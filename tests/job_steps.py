@@ -1,0 +1,32 @@
+"""A few train steps of the trainer's own job, in process, on fixed 16x16 batches: for tests that compare two
+implementations of the same math (`conv_impl`, `bn_impl`) step by step."""
+
+import jax
+import numpy as np
+
+from configs import default
+from input_pipeline import sources
+from parallel import mesh as mesh_lib
+from trainer import job as job_lib
+
+
+def run_steps(overrides: dict, steps: int = 3, devices: int = 2):
+  """(per-step loss sums, the canonical state after `steps` steps, the eval loss sum of the first batch)."""
+  rng = np.random.default_rng(2)
+  pixels = rng.integers(0, 256, (steps, 16, 16, 16, 1)).astype(np.uint8)
+  images = pixels.astype(np.float32) / 255
+  labels = rng.integers(0, 10, (steps, 16)).astype(np.int32)
+  data = sources.InMemoryDataset(pixels.reshape(-1, 16, 16, 1), labels.reshape(-1), pixels[0], labels[0],
+                                 num_classes=10, source='test')
+  c = default.get_config()
+  c.update(dict(batch_size=16, learning_rate=0.05, momentum=0.9, lr_schedule='constant'), **overrides)
+  job = job_lib.build(c, mesh=mesh_lib.make_mesh(devices), data=data)
+  state = job.stepper.to_device(job.initial_state())
+  losses = []
+  for i in range(steps):
+    state, m = job.stepper.train_step(state, job.stepper.place({'image': images[i], 'label': labels[i]}))
+    losses.append(float(job.stepper.metrics(m)['loss_sum']))
+  canonical = jax.device_get(job.stepper.to_canonical(state))
+  evals = job.stepper.eval_step(job.stepper.to_device(canonical), job.stepper.place(
+      {'image': images[0], 'label': labels[0], 'mask': np.ones(16, np.float32)}))
+  return losses, canonical, float(evals['loss_sum'])
