@@ -44,6 +44,33 @@ def test_throughput_quick_prints_rows(tmp_path):
   assert summary['machine']['config_overrides'] == {'conv_impl': 'xla'}
 
 
+def test_step_ab_quick_compares_variants_and_names_a_bad_one(tmp_path):
+  path = str(tmp_path / 'ab.json')
+  out = _run('benchmarks.step_ab', '--quick', f'--json={path}', 'bn_impl=flax', 'bn_impl=fused,conv_impl=xla')
+  lines = [line.split() for line in out.splitlines() if line.startswith('  ')]
+  assert [line[0] for line in lines] == ['bn_impl=flax', 'bn_impl=fused,conv_impl=xla'], out
+  assert float(lines[0][1]) > 0 and lines[0][7] == '1.000', out  # The baseline's ratio to itself.
+  with open(path) as f:
+    assert len(json.load(f)['img_s_windows']['bn_impl=flax']) == 2
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  bad = subprocess.run([sys.executable, '-m', 'benchmarks.step_ab', '--quick', 'bn_impl=flax', 'bn_impl=nope'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+      "error: --config.bn_impl='nope' is invalid: use one of auto, flax, fused"], bad.stderr
+
+
+def test_step_ab_pairs_windows_by_position():
+  from benchmarks import step_ab
+  summary = step_ab.paired_summary({'a': [100, 200, 100], 'b': [110, 180, 130]}, 'a')
+  assert summary['a'] == {'img_s': 100, 'ratio': 1.0, 'wins': 0}
+  assert summary['b']['ratio'] == 1.1 and summary['b']['wins'] == 2 and summary['b']['img_s'] == 130
+  from configs import default
+  c = step_ab.variant_config(default.get_config(), 'bn_impl=flax,batch_size=64,plot=false')
+  assert (c.bn_impl, c.batch_size, c.plot) == ('flax', 64, False)
+  with pytest.raises(ValueError, match='nonsense'):
+    step_ab.variant_config(default.get_config(), 'nonsense')
+
+
 def test_input_pipeline_quick_prints_table():
   out = _run('benchmarks.input_pipeline', '--quick')
   assert 'images' in out.lower() and 'to device' in out.lower(), out
