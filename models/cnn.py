@@ -25,10 +25,10 @@ class CNN(nn.Module):
   def __call__(self, x, train: bool = True):
     x = x.astype(self.dtype)
     for features in (32, 64):
-      x = nn.Conv(features, (3, 3), dtype=self.dtype, param_dtype=jnp.float32, conv_general_dilated=self.conv)(x)
-      x = norm.batch_norm(self.bn_impl, relu=True, pool=True, use_running_average=not train, momentum=0.9,
-                          epsilon=1e-5, axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
-                          param_dtype=jnp.float32)(x)  # = nn.avg_pool(nn.relu(nn.BatchNorm(...)(x)), (2, 2), (2, 2))
+      # = nn.avg_pool(nn.relu(nn.BatchNorm(...)(nn.Conv(features, (3, 3))(x))), (2, 2), strides=(2, 2))
+      x = norm.conv_batch_norm(self.bn_impl, features, (3, 3), conv=self.conv, dtype=self.dtype, relu=True,
+                               pool=True, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                               axis_name=self.bn_axis_name if train else None, param_dtype=jnp.float32)(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(256, dtype=self.dtype, param_dtype=jnp.float32)(x))
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)(x)

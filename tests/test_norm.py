@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
@@ -19,18 +20,23 @@ KW = dict(momentum=0.9, epsilon=1e-5, param_dtype=jnp.float32)
 
 
 class Block(nn.Module):
-  """One `norm.batch_norm` in a parent scope, as the models build it."""
+  """One `norm.batch_norm` in a parent scope, as the models build it; with `conv`, `norm.conv_batch_norm`
+  (a 3x3 convolution whose bias the fused BatchNorm takes over)."""
   impl: str
   relu: bool
   pool: bool
   train: bool = True
   axis_name: str = None
   dtype: object = jnp.float32
+  conv: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return norm.batch_norm(self.impl, relu=self.relu, pool=self.pool, use_running_average=not self.train,
-                           axis_name=self.axis_name if self.train else None, dtype=self.dtype, **KW)(x)
+    kw = dict(relu=self.relu, pool=self.pool, use_running_average=not self.train,
+              axis_name=self.axis_name if self.train else None, dtype=self.dtype, **KW)
+    if self.conv:
+      return norm.conv_batch_norm(self.impl, 6, (3, 3), conv=lax.conv_general_dilated, **kw)(x)
+    return norm.batch_norm(self.impl, **kw)(x)
 
 
 def _input(shape, seed=0):
@@ -38,16 +44,18 @@ def _input(shape, seed=0):
   return jnp.asarray(rng.standard_normal(shape) * 2.0 + 0.5, jnp.float32)
 
 
-def _variables(shape, seed=1):
-  """Both implementations' variables (the same tree), made non-trivial."""
-  v = Block('flax', True, False).init(jax.random.PRNGKey(0), jnp.zeros(shape))
+def _variables(shape, seed=1, conv=False):
+  """Both implementations' variables (the same tree: asserted), made non-trivial (a conv bias far from 0)."""
+  v = Block('flax', True, False, conv=conv).init(jax.random.PRNGKey(0), jnp.zeros(shape))
+  assert jax.tree.structure(v) == jax.tree.structure(Block('fused', True, False, conv=conv).init(
+      jax.random.PRNGKey(0), jnp.zeros(shape)))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), jnp.float32), v)
 
 
-def _loss_and_grads(impl, relu, pool, variables, x, axis_name=None):
+def _loss_and_grads(impl, relu, pool, variables, x, axis_name=None, conv=False):
   """Train-mode output, new batch_stats and gradients of a non-trivial loss w.r.t. params and x."""
-  block = Block(impl, relu, pool, axis_name=axis_name)
+  block = Block(impl, relu, pool, axis_name=axis_name, conv=conv)
   weights = jnp.cos(jnp.arange(np.prod(block.apply(variables, x, mutable=['batch_stats'])[0].shape[1:])))
 
   def loss(params, x):
@@ -81,14 +89,27 @@ def test_fused_equals_flax_one_device(shape, relu, pool):
     _assert_trees_close(ev('fused'), ev('flax'))
 
 
+def test_conv_bias_moved_into_the_statistics_is_the_same_math():
+  """`conv_batch_norm`: with `fused` the convolution's bias (far from 0 here) is only added to the statistics;
+  outputs, running mean (which includes it), and gradients (its own: ~0) match nn.Conv + flax's BatchNorm."""
+  x, variables = _input((6, 10, 10, 3)), _variables((6, 10, 10, 3), conv=True)
+  assert float(jnp.abs(variables['params']['Conv_0']['bias']).min()) > 0.4
+  want = jax.jit(functools.partial(_loss_and_grads, 'flax', True, True, conv=True))(variables, x)
+  got = jax.jit(functools.partial(_loss_and_grads, 'fused', True, True, conv=True))(variables, x)
+  _assert_trees_close(got, want)
+  ev = lambda impl: Block(impl, True, True, train=False, conv=True).apply(variables, x)
+  _assert_trees_close(ev('fused'), ev('flax'))
+
+
 def test_fused_equals_flax_with_statistics_over_devices():
   """4 devices, statistics over the mesh axis (bn_mode=global) under shard_map: each device's output, input
-  gradient and parameter gradient (before the step's pmean) match flax's."""
+  gradient and parameter gradients (before the step's pmean; the conv bias's per-device sums are not 0 here)
+  match flax's."""
   mesh = mesh_lib.make_mesh(4)
-  x, variables = _input((16, 12, 12, 8)), _variables((16, 12, 12, 8))
+  x, variables = _input((16, 12, 12, 3)), _variables((16, 12, 12, 3), conv=True)
 
   def run(impl):
-    body = functools.partial(_loss_and_grads, impl, True, True, axis_name=mesh_lib.AXIS)
+    body = functools.partial(_loss_and_grads, impl, True, True, axis_name=mesh_lib.AXIS, conv=True)
     per_device = lambda v, x: jax.tree.map(lambda a: a[None], body(v, x))
     step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(mesh_lib.AXIS)),
                                  out_specs=P(mesh_lib.AXIS), check_vma=False))
@@ -99,7 +120,9 @@ def test_fused_equals_flax_with_statistics_over_devices():
   _assert_trees_close(got, want)
   # The statistics really are global: every device's new running mean is the same.
   means = np.asarray(got[1]['BatchNorm_0']['mean'])
-  np.testing.assert_allclose(means, np.broadcast_to(means[0], (4, 8)), rtol=1e-6)
+  np.testing.assert_allclose(means, np.broadcast_to(means[0], (4, 6)), rtol=1e-6)
+  conv_bias_grads = np.asarray(got[2][0]['Conv_0']['bias'])
+  assert np.abs(conv_bias_grads).max() > 1e-3 and np.abs(conv_bias_grads.sum(0)).max() < 1e-4
 
 
 def test_bfloat16_compute_stays_close_to_flax():
