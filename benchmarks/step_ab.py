@@ -60,7 +60,10 @@ def variant_config(base, text: str):
     if not sep or key not in c:
       raise ValueError(f'{item!r}: use KEY=VALUE with a field of the config')
     kind = type(c[key])
-    c[key] = value.lower() in ('1', 'true') if kind is bool else kind(value)
+    try:
+      c[key] = value.lower() in ('1', 'true') if kind is bool else kind(value)
+    except (TypeError, ValueError):
+      raise ValueError(f'{item!r}: {key} needs a value of type {kind.__name__}') from None
   return c
 
 
@@ -100,10 +103,15 @@ def main(argv=None) -> int:
   from input_pipeline import sources
   from trainer import job as job_lib
 
-  data = sources.load(base)
+  try:
+    data = sources.load(base)
+    jobs = {name: job_lib.build(c, data=data) for name, c in configs.items()}
+  except UserError as e:  # E.g. a batch that does not split over --devices: one line, as train.py.
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   runs = {}
   for name, c in configs.items():
-    job = job_lib.build(c, data=data)
+    job = jobs[name]
     rng = np.random.default_rng(0)
     batch = job.stepper.place({'image': rng.random((c.batch_size,) + job.prep.output_shape, dtype=np.float32),
                                'label': rng.integers(0, data.num_classes, c.batch_size).astype(np.int32)})

@@ -57,6 +57,11 @@ def test_step_ab_quick_compares_variants_and_names_a_bad_one(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
       "error: --config.bn_impl='nope' is invalid: use one of auto, flax, fused"], bad.stderr
+  uneven = subprocess.run([sys.executable, '-m', 'benchmarks.step_ab', '--quick', '--devices=3', '-'],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert uneven.returncode == 2 and uneven.stderr.strip().splitlines()[-1].startswith(
+      'error: --config.batch_size=128 does not split over 3 devices'), uneven.stderr
+  assert 'Traceback' not in uneven.stderr
 
 
 def test_step_ab_pairs_windows_by_position():
@@ -69,6 +74,8 @@ def test_step_ab_pairs_windows_by_position():
   assert (c.bn_impl, c.batch_size, c.plot) == ('flax', 64, False)
   with pytest.raises(ValueError, match='nonsense'):
     step_ab.variant_config(default.get_config(), 'nonsense')
+  with pytest.raises(ValueError, match='batch_size needs a value of type int'):
+    step_ab.variant_config(default.get_config(), 'batch_size=abc')
 
 
 def test_input_pipeline_quick_prints_table():
