@@ -99,6 +99,7 @@ class FolderSource(sources.Source):
     self.classes, train_paths, train_labels = _scan(train_dir)
     _, eval_paths, eval_labels = _scan(eval_dir, self.classes)
     self._files = {'train': (train_paths, train_labels), 'eval': (eval_paths, eval_labels)}
+    self._split_dirs = {'train': train_dir, 'eval': eval_dir}
     sizes, gray = _sniff(train_paths)
     eval_sizes, eval_gray = _sniff(eval_paths)
     self.channels = 1 if gray and eval_gray else 3
@@ -118,6 +119,18 @@ class FolderSource(sources.Source):
 
   def name_of(self, split: str, index: int) -> str:
     return self._files[split][0][index]
+
+  def class_names(self):
+    return tuple(self.classes)
+
+  def content_digest(self) -> str:
+    """Each split's files as (path relative to its split folder, size in bytes), in label order."""
+    parts = []
+    for split in sources.SPLITS:
+      parts.append(split)
+      for p in self._files[split][0]:
+        parts += [os.path.relpath(p, self._split_dirs[split]), str(os.path.getsize(p))]
+    return sources.digest_of(parts)
 
   def labels(self, split: str) -> np.ndarray:
     """int32 label of every example of `split`, by index (for readers outside tf.data)."""

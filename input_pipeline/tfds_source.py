@@ -117,6 +117,7 @@ class TfdsSource(sources.Source):
                       f'{info.supervised_keys}): choose one whose examples are an image and a class label')
     self._decoders = {self._image_key: tfds.decode.SkipDecoding()}
     self.num_classes = label.num_classes
+    self._names = tuple(label.names) if getattr(label, 'names', None) else None
     shape = tuple(image.shape)
     self.channels = shape[-1] or 3
     self.image_shape = shape if all(shape) else None
@@ -155,6 +156,13 @@ class TfdsSource(sources.Source):
       example = self._features.deserialize_example(tf.ensure_shape(serialized, []), decoders=self._decoders)
       return example[self._image_key], tf.cast(example[self._label_key], tf.int32)
     return read
+
+  def class_names(self):
+    return self._names or super().class_names()
+
+  def content_digest(self) -> str:
+    """The splits read and their record counts (TFDS' own metadata names the files)."""
+    return sources.digest_of([self.eval_split] + [str(len(self._records[s])) for s in sources.SPLITS])
 
   def name_of(self, split: str, index: int) -> str:
     records = self._records[split]
