@@ -20,6 +20,10 @@ from trainer import preemption  # noqa: E402  (no JAX: light)
 
 preemption.install()  # Before the heavy imports: a signal at any moment ends with one line, never exit 143.
 
+import libenv  # noqa: E402  (no imports: light)
+
+libenv.set_defaults(verbose=libenv.verbose_in(sys.argv))  # Before TensorFlow loads: no CPU-dependent notices.
+
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -42,7 +46,8 @@ flags.DEFINE_integer('heartbeat_timeout', 30, 'Seconds of silence after which a 
 flags.DEFINE_string('coordinator_bind_address', None, 'Where process 0\'s coordinator listens (default: '
                     '--coordinator_address itself; [::]:PORT listens on every interface).')
 flags.DEFINE_integer('collective_timeout', 60, 'Seconds before a stuck CPU collective fails the job.')
-flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for input errors too.')
+flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for input errors, and the native libraries\' start-up '
+                  'notices (TensorFlow, absl, gRPC; see libenv.py).')
 
 
 def _auto_cpu_devices(config) -> int:

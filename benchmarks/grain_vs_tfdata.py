@@ -24,8 +24,6 @@ import os
 import sys
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
 LOADERS = ('tfdata', 'grain_tf', 'grain_pil', 'grain_pil_mp')
 
 

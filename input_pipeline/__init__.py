@@ -6,9 +6,3 @@
 - `pipeline`: tf.data streams of this process's slice of each train/eval batch.
 - `device_feed`: puts host batches on the devices (shard_map or pmap layout) and prefetches.
 """
-
-import os
-
-# TensorFlow (tf.data, TFDS) is imported only under this package: silence its C++ start-up chatter here,
-# before the first import, for every entry point.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

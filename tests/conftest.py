@@ -6,6 +6,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import libenv  # noqa: E402
+
+libenv.set_defaults()  # The tests import TensorFlow in-process too: the same quiet start as every entry point.
+
 from parallel import topology  # noqa: E402
 
 topology.configure_backend('cpu', 8, collective_timeout_s=60)

@@ -9,12 +9,16 @@ import time
 
 import numpy as np
 
+import libenv
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, 'configs', 'tiny.py')
 
 
 def _env():
-  env = dict(os.environ, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='3')
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
+  for name in libenv.QUIET:  # Children start as a user's shell does: train.py must quiet the libraries itself.
+    env.pop(name, None)
   env.pop('XLA_FLAGS', None)  # The parent's 8-device flags must not leak into the child.
   return env
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import libenv
 from input_pipeline import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,9 +18,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(FASHION_MNI
                                 reason=f'{FASHION_MNIST} missing (apt-get install dataset-fashion-mnist)')]
 
 
+def _env():
+  """A user's environment: the benchmarks must quiet the native libraries themselves (`libenv`)."""
+  env = {k: v for k, v in os.environ.items() if k not in libenv.QUIET and k != 'XLA_FLAGS'}
+  return env
+
+
 def _run(*args):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
-  env.pop('XLA_FLAGS', None)
+  env = _env()
   proc = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -52,7 +58,7 @@ def test_step_ab_quick_compares_variants_and_names_a_bad_one(tmp_path):
   assert float(lines[0][1]) > 0 and lines[0][7] == '1.000', out  # The baseline's ratio to itself.
   with open(path) as f:
     assert len(json.load(f)['img_s_windows']['bn_impl=flax']) == 2
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  env = _env()
   bad = subprocess.run([sys.executable, '-m', 'benchmarks.step_ab', '--quick', 'bn_impl=flax', 'bn_impl=nope'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

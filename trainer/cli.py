@@ -7,6 +7,7 @@ import re
 import ml_collections
 from absl import flags
 
+import libenv
 from errors import UserError, first_line
 
 
@@ -63,13 +64,7 @@ def verbose(flag_values, argv) -> bool:
   try:
     return bool(flag_values.verbose)
   except flags.Error:  # Not parsed: read argv the way absl would (the last occurrence wins).
-    value = False
-    for arg in argv:
-      if arg in ('--verbose', '--noverbose'):
-        value = arg == '--verbose'
-      elif arg.startswith('--verbose='):
-        value = arg.split('=', 1)[1].lower() in ('1', 'true', 't', 'yes', 'y')
-    return value
+    return libenv.verbose_in(argv)
 
 
 def _config_path(argv) -> str:
