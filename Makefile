@@ -8,7 +8,16 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/default
 ARGS ?=
 
-.PHONY: setup data train test quick lint bench clean
+# `make test-latest`: a second venv with the newest JAX, jaxlib, Flax, Optax and Orbax on the registry (JAX 0.11+
+# needs Python 3.12+: the newest Python 3.12/3.13 found on PATH or under pyenv), then the quick subset.
+LATEST_VENV ?= .venv-latest
+LATEST_PACKAGES := jax jaxlib flax optax orbax-checkpoint
+PYTHON_LATEST ?= $(shell for v in 3.13 3.12; do \
+  p=$$(command -v python$$v 2>/dev/null) && $$p -c 'import venv' 2>/dev/null && echo $$p && exit; \
+  p=$$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$v*/bin/python$$v 2>/dev/null | tail -n 1); \
+  [ -n "$$p" ] && echo $$p && exit; done; echo $(PYTHON))
+
+.PHONY: setup data train test test-latest quick lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +43,16 @@ train: setup data
 test: setup data lint
 	$(PY) -m pytest -q -n 2 --dist loadfile tests $(ARGS)
 
+test-latest: data
+	$(PYTHON_LATEST) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LATEST_VENV)/bin/python -m pip install -q '.[test]'
+	$(LATEST_VENV)/bin/python -m pip uninstall -q -y dptrain  # Its pins only; the code runs from the checkout.
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade $(LATEST_PACKAGES)
+	@$(LATEST_VENV)/bin/python -c "import sys, jax, flax, optax, orbax.checkpoint as o; print('test-latest: Python', \
+	  sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__)"
+	$(LATEST_VENV)/bin/python -m pytest -q -W ignore::DeprecationWarning tests -m "not slow and not multiprocess" $(ARGS)
+
 # The developers' inner loop: everything but the subprocess and two-process tests (under a minute).
 quick: setup
 	$(PY) -m pytest -q tests -m "not slow and not multiprocess" $(ARGS)
@@ -45,4 +64,4 @@ bench: setup data
 	$(PY) -m benchmarks.throughput $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) $(LATEST_VENV) runs *.egg-info
