@@ -77,6 +77,19 @@ def test_frozen_field_change_is_refused_with_and_without_config_json(tmp_path, t
   assert json.load(open(os.path.join(workdir, 'config.json')))['model'] == 'mlp'
 
 
+def test_a_config_json_that_disagrees_with_the_checkpoint_does_not_lock_the_run_out(tmp_path, trained, data_dir):
+  """What an older version's refused run left behind: config.json says cnn, the checkpoints hold the MLP."""
+  workdir = _copy(trained, tmp_path)
+  path = os.path.join(workdir, 'config.json')
+  saved = json.load(open(path))
+  with open(path, 'w') as f:
+    json.dump(dict(saved, model='cnn'), f)
+  out = _ok(harness.run_train(workdir, DEVICES, f'--config.data_dir={data_dir}', '--config.num_train_steps=8'))
+  assert "says model='cnn', but checkpoint 4 was trained with 'mlp'" in out and 'resuming at step 4' in out, out[-3000:]
+  assert json.load(open(path))['model'] == 'mlp'
+  assert [list(h['changes']) for h in _history(workdir)] == [['num_train_steps']]  # Not the model: it never changed.
+
+
 def test_class_count_and_shape_mismatches_change_nothing(tmp_path, trained, data_dir):
   workdir = _copy(trained, tmp_path)
   folder = make_image_folder(str(tmp_path / 'folder3'), num_classes=3, per_class=(30, 4), size=(28, 28), channels=1)

@@ -176,10 +176,9 @@ def decide(workdir: str, config, newest, current: dict, compare) -> Start:
   """
   import jax
   start, refusal = Start(workdir, config), ''
-  if jax.process_index() == 0:
-    step, meta = newest()
-    if step is not None:
-      refusal = _judge(start, step, meta, current, compare)
+  step, meta = newest()  # On every process: Orbax's restore synchronizes them.
+  if jax.process_index() == 0 and step is not None:
+    refusal = _judge(start, step, meta, current, compare)
   if not _process_0_says(not refusal):
     raise UserError(refusal or f'process 0 refused to start in --workdir={workdir} with this config (see its error)')
   return start
