@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mean = (0.485, 0.456, 0.406)  # used only with normalize (1 value or one per channel); ImageNet's
   c.std = (0.229, 0.224, 0.225)
   c.data_threads = 0              # host threads that read, decode and augment; 0 = one per core
+  c.allow_data_change = False     # resume on data with other example counts or content (images added); class
+                                  # names must still match; recorded in config_history.jsonl
   # Model (models/).
   c.model = 'cnn'                 # cnn | mlp | resnet18 | resnet34 | resnet50 | vit_ti | vit_s
   c.dtype = 'float32'             # compute dtype: float32 | bfloat16 (params and optimizer stay float32)

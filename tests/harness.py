@@ -67,6 +67,19 @@ def checkpoint_steps(workdir):
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
+def workdir_files(workdir) -> dict:
+  """{relative path: SHA-256} of every file under `workdir`, but .lock (it names its last holder's pid)."""
+  import hashlib
+  out = {}
+  for root, _, names in os.walk(workdir):
+    for name in names:
+      path = os.path.join(root, name)
+      if name != '.lock' and os.path.isfile(path):
+        with open(path, 'rb') as f:
+          out[os.path.relpath(path, workdir)] = hashlib.sha256(f.read()).hexdigest()
+  return dict(sorted(out.items()))
+
+
 def load_checkpoint(workdir, step=None) -> dict:
   """Flat {path: numpy array} of a saved train state (read on the host, no devices needed)."""
   import orbax.checkpoint as ocp

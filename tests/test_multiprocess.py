@@ -136,3 +136,18 @@ def test_start_up_mistakes_give_one_line(tmp_path, data_dir):
     _refused(*started[f'mismatch_{i}'], 'the processes disagree', f'on process {1 - i}', f'--num_processes={other}',
              limit=90)
   assert time.monotonic() - t0 < 120
+
+
+def test_refused_resume_stops_both_processes_and_changes_nothing(tmp_path, data_dir):
+  """Process 0 judges the start against the checkpoint's record (no config.json here); both stop, nothing written."""
+  workdir = str(tmp_path / 'run')
+  logs = [str(tmp_path / f'p{i}.log') for i in (0, 1)]
+  procs = _start_pair(workdir, f'--config.data_dir={data_dir}', '--config.num_train_steps=4', logs=logs)
+  assert [p.wait(timeout=300) for p in procs] == [0, 0], open(logs[0]).read()[-3000:]
+  os.remove(os.path.join(workdir, 'config.json'))
+  before = harness.workdir_files(workdir)
+  logs = [str(tmp_path / f'r{i}.log') for i in (0, 1)]
+  procs = _start_pair(workdir, f'--config.data_dir={data_dir}', '--config.seed=1', logs=logs)
+  _refused(procs[0], logs[0], '--config.seed 0 -> 1', limit=120)
+  _refused(procs[1], logs[1], 'process 0 refused to start', limit=120)
+  assert harness.workdir_files(workdir) == before

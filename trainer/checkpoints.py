@@ -1,15 +1,17 @@
 """Orbax checkpoints in `WORKDIR/checkpoints`: async saves, verified restores, newest-valid resume, no pickle.
 
 Each step directory holds `state` (params, batch_stats, optimizer state, step, rng: the data position
-follows from the step) and `meta` (JSON: fingerprint of model, dataset and shapes, plus a SHA-256 of the
-state's bytes). Resume refuses a workdir whose checkpoints belong to another model/shape, and moves aside
-(never deletes) a checkpoint that cannot be read or whose bytes no longer match their checksum.
+follows from the step) and `meta` (JSON: fingerprint of model, dataset, optimizer and shapes, the frozen config
+fields (`workdir.FROZEN`) and the data's identity, plus a SHA-256 of the state's bytes). A resume must match
+what the newest checkpoint records (`compare`), with or without config.json; restore moves aside (never
+deletes) a checkpoint that cannot be read or whose bytes no longer match their checksum.
 
 A save never fails quietly: a state with NaN/Inf is never written, and a save that fails (synchronously or
 in Orbax's background thread) stops the run with one `SaveFailed` line instead of training on.
 """
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -22,7 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from errors import UserError, first_line
+from errors import UserError, first_line, setting
 from trainer import workdir as workdir_lib
 from trainer.state import checkpoint_tree, from_checkpoint_tree
 
@@ -41,12 +43,20 @@ class NotFinite(UserError):
   """The state to save holds NaN or Inf (the loss may still have been finite)."""
 
 
-def fingerprint(config, state) -> dict:
-  """What must match for a checkpoint to be resumable by this config."""
+def fingerprint(config, state, data_identity: dict) -> dict:
+  """What must match for a checkpoint to be resumable by this config (`compare` says how)."""
+  frozen = {k: config[k] for k in workdir_lib.FROZEN if k in config}
   shapes = {jax.tree_util.keystr(k): list(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(
       {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
        'ema_params': state.ema_params})}  # No EMA: {} adds no entry, so fingerprints match older runs.
-  return {'model': config.model, 'dataset': config.dataset, 'optimizer': config.optimizer, 'shapes': shapes}
+  return {'model': config.model, 'dataset': config.dataset, 'optimizer': config.optimizer, 'shapes': shapes,
+          'config': json.loads(json.dumps(frozen)), 'data': data_identity}
+
+
+def data_summary(identity: dict) -> dict:
+  """The data identity without its class list (config_history.jsonl; ImageNet has 1000 names)."""
+  return {'examples': identity.get('examples'), 'num_classes': len(identity.get('classes', ())),
+          'digest': identity.get('digest')}
 
 
 def checksum(state) -> str:
@@ -66,15 +76,55 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
+def _class_mismatch(saved: list, current: list) -> str:
+  if len(saved) != len(current):
+    return f'{len(saved)} classes (this run: {len(current)})'
+  k = next(k for k, (a, b) in enumerate(zip(saved, current)) if a != b)
+  return f'class {k} named {saved[k]!r} (this run: {current[k]!r})'
+
+
 def _describe_mismatch(saved: dict, current: dict) -> str:
+  """The first structural difference (model, dataset, optimizer, classes, shapes), or ''. Keys the saved meta
+  lacks (checkpoints written before they were recorded) are not compared."""
   for key in ('model', 'dataset', 'optimizer'):
-    if saved.get(key) != current[key]:
-      return f'{key} {saved.get(key)!r} (this run: {current[key]!r})'
+    if key in saved and saved[key] != current[key]:
+      return f'{key} {saved[key]!r} (this run: {current[key]!r})'
+  classes = saved.get('data', {}).get('classes')
+  if classes is not None and list(classes) != list(current['data']['classes']):
+    return _class_mismatch(list(classes), list(current['data']['classes']))
   saved_shapes = saved.get('shapes', {})
   for name in sorted(set(saved_shapes) | set(current['shapes'])):
     if saved_shapes.get(name) != current['shapes'].get(name):
       return f'{name} of shape {saved_shapes.get(name)} (this run: {current["shapes"].get(name)})'
-  return 'a different structure'
+  return ''
+
+
+def compare(directory: str, step: int, saved: dict, current: dict, *, allow_data_change: bool,
+            eval_only: bool):
+  """(refusal line or '', allowed data change {'from', 'to'} or None) of resuming checkpoint `step` (its meta
+  `saved`, checksum removed) with fingerprint `current`. The frozen config fields are compared by the caller
+  (`workdir.decide`, which names them as settings). Class names must always match; other data (example
+  counts, digest) only with `allow_data_change`, or in eval-only (evaluating other data is its purpose)."""
+  structure = _describe_mismatch(saved, current)
+  if structure:
+    return (f'{directory} holds checkpoints of another run: step {step} has {structure}. They were left '
+            'untouched: use a new --workdir, or the config that wrote them'), None
+  old, new = saved.get('data'), current['data']
+  if old is None or (old.get('examples'), old.get('digest')) == (new['examples'], new['digest']):
+    return '', None
+  change = {'from': data_summary(old), 'to': data_summary(new)}
+  if allow_data_change or eval_only:
+    return '', change
+
+  def counts(summary):
+    return ' / '.join(f'{summary["examples"].get(k)} {k}' for k in sorted(summary['examples']))
+
+  what = (f'{counts(change["from"])} examples' if old.get('examples') != new['examples'] else
+          f'the same example counts but other content (digest {str(old.get("digest"))[:12]})')
+  return (f'checkpoint {step} in {directory} was trained on other data: {what}, this run has '
+          f'{counts(change["to"])} (digest {new["digest"][:12]}): point {setting("data_dir")} at the data it was '
+          f'trained on, set {setting("allow_data_change")}=True to continue on this data on purpose, or use a new '
+          '--workdir'), None
 
 
 class Checkpoints:
@@ -156,6 +206,19 @@ class Checkpoints:
       except Exception as e:  # Already reported by settle(); closing must not mask it.
         logging.warning('Closing the checkpoint manager: %s', first_line(e))
 
+  def newest_meta(self):
+    """(step, meta without its checksum) of the newest checkpoint whose meta reads, or (None, None). Reads
+    only: a damaged checkpoint is set aside later, by `restore_latest`."""
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+      except Exception:
+        continue
+      if isinstance(meta, dict):
+        meta.pop(CHECKSUM_KEY, None)
+        return step, meta
+    return None, None
+
   def restore_latest(self, template):
     """The newest readable, verified checkpoint restored into `template`'s structure and shardings, or None."""
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, checkpoint_tree(template))
@@ -166,10 +229,11 @@ class Checkpoints:
         self._set_aside(step, e)
         continue
       saved_sum = meta.pop(CHECKSUM_KEY, None) if isinstance(meta, dict) else None
-      if meta != self.fingerprint:
-        raise UserError(f'{self.directory} holds checkpoints of another run: step {step} has '
-                        f'{_describe_mismatch(meta, self.fingerprint)}. They were left untouched: use a new '
-                        '--workdir, or the config that wrote them')
+      # Structure only: the newest checkpoint was judged in full before anything was written (workdir.decide).
+      mismatch = _describe_mismatch(meta, self.fingerprint) if isinstance(meta, dict) else 'a different structure'
+      if mismatch:
+        raise UserError(f'{self.directory} holds checkpoints of another run: step {step} has {mismatch}. They '
+                        'were left untouched: use a new --workdir, or the config that wrote them')
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         state = from_checkpoint_tree(restored['state'])

@@ -39,6 +39,8 @@ def validate(config) -> None:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       _fail(key, value, 'must be a whole number >= 0 (0 = off / the default)')
+  if not isinstance(config.allow_data_change, bool):
+    _fail('allow_data_change', config.allow_data_change, 'must be True or False')
   for key in ('num_train_steps', 'eval_every_steps'):
     if not isinstance(config[key], int) or (config[key] < 1 and config[key] != -1):
       _fail(key, config[key], 'must be >= 1, or -1 for the default')

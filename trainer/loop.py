@@ -119,17 +119,16 @@ class Trainer:
     self.job, self.config, self.workdir = job, job.config, workdir
     self.is_main = jax.process_index() == 0
     state = job.initial_state()
-    self.ckpts = checkpoints.Checkpoints(workdir, self.config.keep_checkpoints,
-                                         checkpoints.fingerprint(self.config, state))
-    if self.ckpts.latest_step() is not None:  # Before restoring: a refused config changes nothing.
-      workdir_lib.record_config(workdir, self.config, self.ckpts.latest_step())
+    fp = checkpoints.fingerprint(self.config, state, job.data.identity())
+    self.ckpts = checkpoints.Checkpoints(workdir, self.config.keep_checkpoints, fp)
+    # Decide, restore, then write: a refused start leaves config.json, its history and the checkpoints as they were.
+    start = workdir_lib.decide(workdir, self.config, self.ckpts.newest_meta, fp, checkpoints.compare)
     restored = self.ckpts.restore_latest(state)
     self.resumed = restored is not None
     state = restored if self.resumed else state
     self.start_step = int(jax.device_get(state.step))  # From the canonical state: pmap's has one per device.
     self.state = job.stepper.to_device(state)
-    if not self.resumed:
-      workdir_lib.record_config(workdir, self.config, None)
+    start.record(self.start_step if self.resumed else None)
     self.reporter = reporting.Reporter(workdir, self.is_main, self.start_step)
     self.window = _StepMetrics(job.stepper, self.config.max_steps_in_flight, self.last_checkpoint)
     self.speed = reporting.Throughput(self.start_step, job.total_steps, self.config.batch_size)
@@ -243,7 +242,8 @@ class Trainer:
         raise UserError(f'{setting("eval_only")} needs a checkpoint, but {self.ckpts.directory} holds none: '
                         'train first (drop --config.eval_only), or point --workdir at a trained run')
       self.final = {'kind': 'eval', 'step': self.start_step, 'epoch': self._epoch(self.start_step),
-                    'eval_only': True, **evaluate(self.job, self.state)}
+                    'eval_only': True, 'data_source': self.config.data_source, 'data_dir': self.config.data_dir,
+                    'data': self.job.data.description, **evaluate(self.job, self.state)}
       self.reporter.write(self.final)
       reporting.log(reporting.eval_line(self.final), self.is_main)
       return self.final

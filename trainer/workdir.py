@@ -1,11 +1,13 @@
 """The workdir: checked before anything starts, created only once the job is known to be runnable, locked
 for one job at a time, and its config kept consistent across resumes (with a history of allowed changes)."""
 
+import dataclasses
 import datetime
 import fcntl
 import json
 import os
 import socket
+from typing import Any, Optional
 
 from absl import logging
 
@@ -122,41 +124,104 @@ def _read_config(path: str):
     return None
 
 
-def record_config(workdir: str, config, resume_step) -> None:
-  """Writes config.json. On a resume (`resume_step` not None), refuses changes to `FROZEN` fields, naming
-  each, and records every other change in `config_history.jsonl` plus a log line."""
-  import jax
-  path = os.path.join(workdir, 'config.json')
-  current = json.loads(config.to_json_best_effort(sort_keys=True))
-  is_main = jax.process_index() == 0
-  saved = _read_config(path) if resume_step is not None and is_main else None  # Process 0 decides for all.
-  refusal = ''
-  if saved is not None:
-    changed = {k: (saved.get(k, _MISSING), current.get(k, _MISSING))
-               for k in sorted(set(saved) | set(current)) if saved.get(k, _MISSING) != current.get(k, _MISSING)}
-    frozen = [k for k in FROZEN if k in changed and _MISSING not in changed[k]]
-    if frozen:
-      what = ', '.join(f'{setting(k)} {changed[k][0]!r} -> {changed[k][1]!r}' for k in frozen)
-      refusal = (f'--workdir={workdir} holds a run with another config: {what}. These change the data stream '
-                 f'or the model, so its checkpoints cannot continue this run: rerun with the values in {path}, '
-                 'or use a new --workdir')
-    elif changed:
-      entry = {'time': round(datetime.datetime.now().timestamp(), 3), 'step': resume_step,
-               'changes': {k: {'from': a, 'to': b} for k, (a, b) in changed.items()}}
+def _frozen_refusal(workdir: str, frozen: dict) -> str:
+  what = ', '.join(f'{setting(k)} {a!r} -> {b!r}' for k, (a, b) in frozen.items())
+  values = ' '.join(f'{setting(k)}={a}' for k, (a, _) in frozen.items())
+  return (f'--workdir={workdir} holds a run with another config: {what}. These change the data stream or the model, '
+          f'so its checkpoints cannot continue this run: rerun with {values}, or use a new --workdir')
+
+
+@dataclasses.dataclass
+class Start:
+  """What process 0 decided about starting in a workdir; `record` writes it once the start is accepted."""
+  workdir: str
+  config: Any
+  entry: Optional[dict] = None  # The config_history.jsonl entry (without its step), if anything changed.
+
+  def record(self, step: Optional[int]) -> None:
+    """Writes config.json and the history entry (at the restored `step`), on process 0. Eval-only leaves both
+    as training left them: it changes nothing of the run."""
+    import jax
+    if jax.process_index() != 0 or self.config.eval_only:
+      return
+    if self.entry is not None and step is not None:
+      history = os.path.join(self.workdir, HISTORY)
+      entry = dict(time=round(datetime.datetime.now().timestamp(), 3), step=step, **self.entry)
       try:
-        with open(os.path.join(workdir, HISTORY), 'a') as f:
+        with open(history, 'a') as f:
           f.write(json.dumps(entry) + '\n')
       except OSError as e:
-        raise UserError(f'cannot write {os.path.join(workdir, HISTORY)} ({e.strerror}): make the workdir '
-                        'writable') from None
-      logging.info('Config changed on resume at step %d: %s (recorded in %s)', resume_step,
-                   ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items()), HISTORY)
-  if resume_step is not None and not _process_0_says(not refusal):
-    raise UserError(refusal or f'process 0 refused to resume in --workdir={workdir} with this config (see its error)')
-  if is_main:
+        raise UserError(f'cannot write {history} ({e.strerror}): make the workdir writable') from None
+      changes = ', '.join(f'{k} {v["from"]!r} -> {v["to"]!r}' for k, v in entry['changes'].items())
+      if 'data' in entry:
+        changes = ', '.join(filter(None, (changes, f'data {entry["data"]["from"]} -> {entry["data"]["to"]}')))
+      logging.info('Config changed on resume at step %d: %s (recorded in %s)', step, changes, HISTORY)
+    path = os.path.join(self.workdir, 'config.json')
     try:
       with open(path, 'w') as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+        f.write(self.config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
     except OSError as e:
       raise UserError(f'cannot write {path} ({e.strerror}): remove whatever is in its place, or choose another '
                       '--workdir') from None
+
+
+def decide(workdir: str, config, newest, current: dict, compare) -> Start:
+  """Judges a start before anything is written; raises the refusal on every process.
+
+  Process 0 compares this config with the newest checkpoint's record (`newest()` -> (step, meta) or
+  (None, None); `current`: this run's fingerprint; `compare`: `checkpoints.compare`) and with config.json.
+  The checkpoint is the truth for the frozen fields it records (so the check works without config.json, and
+  a config.json that disagrees cannot lock the run out); config.json stands in for fields older checkpoints
+  lack, and gives the other changes for `config_history.jsonl`.
+  """
+  import jax
+  start, refusal = Start(workdir, config), ''
+  step, meta = newest()  # On every process: Orbax's restore synchronizes them.
+  if jax.process_index() == 0 and step is not None:
+    refusal = _judge(start, step, meta, current, compare)
+  if not _process_0_says(not refusal):
+    raise UserError(refusal or f'process 0 refused to start in --workdir={workdir} with this config (see its error)')
+  return start
+
+
+def _judge(start: Start, step: int, meta: dict, current: dict, compare) -> str:
+  """The refusal line of resuming checkpoint `step` (its `meta`) with `start.config`, or '' (then `start.entry`
+  holds what changed)."""
+  workdir, config = start.workdir, start.config
+  path = os.path.join(workdir, 'config.json')
+  now = json.loads(config.to_json_best_effort(sort_keys=True))
+  saved = _read_config(path)
+  if saved is None and not os.path.exists(path):
+    logging.warning('%s is missing: comparing this config with checkpoint %d\'s record only (frozen fields, data); '
+                    'other changes go unrecorded this time.', path, step)
+  recorded = dict(meta.get('config', {}), **{k: meta[k] for k in ('model', 'dataset') if k in meta})
+  if 'config' not in meta or 'data' not in meta:
+    logging.info('Checkpoint %d predates the record of frozen fields and data: comparing only what it records%s.',
+                 step, ' (and config.json)' if saved is not None else '')
+  frozen = {}
+  for k in FROZEN:
+    if k not in now:
+      continue
+    if k in recorded:
+      if saved is not None and k in saved and saved[k] != recorded[k] and now[k] == recorded[k]:
+        logging.warning('%s says %s=%r, but checkpoint %d was trained with %r (this run\'s value): following the '
+                        'checkpoint.', path, k, saved[k], step, recorded[k])
+      if recorded[k] != now[k]:
+        frozen[k] = (recorded[k], now[k])
+    elif saved is not None and k in saved and saved[k] != now[k]:
+      frozen[k] = (saved[k], now[k])
+  if frozen:
+    return _frozen_refusal(workdir, frozen)
+  refusal, data_change = compare(os.path.join(os.path.abspath(workdir), 'checkpoints'), step, meta, current,
+                                 allow_data_change=bool(config.get('allow_data_change', False)),
+                                 eval_only=bool(config.get('eval_only', False)))
+  if refusal:
+    return refusal
+  changes = {}
+  if saved is not None:
+    changes = {k: {'from': saved.get(k, _MISSING), 'to': now.get(k, _MISSING)}
+               for k in sorted(set(saved) | set(now))
+               if saved.get(k, _MISSING) != now.get(k, _MISSING) and not (k in recorded and k in FROZEN)}
+  if changes or data_change:
+    start.entry = {'changes': changes, **({'data': data_change} if data_change else {})}
+  return ''
