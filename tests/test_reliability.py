@@ -366,3 +366,34 @@ def test_closed_terminal_saves_and_exits_zero(tmp_path, data_dir):
   assert proc.wait(timeout=60) == 0, b''.join(seen)[-3000:]
   steps = harness.checkpoint_steps(workdir)
   assert len(steps) == 1 and steps[0] >= 8, steps
+
+
+# --- paths, profile and schedule lines -------------------------------------------------------------------------
+
+
+def test_tilde_in_workdir_and_data_dir_expands_and_the_log_says_where(tmp_path, data_dir, monkeypatch):
+  """`--workdir='~/runs/x'` (quoted: the shell leaves the `~`) used to train into a literal ./~/runs/x."""
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  shutil.copytree(data_dir, str(tmp_path / 'home' / 'data'))
+  out = _ok(harness.run_train('~/runs/x', DEVICES, '--config.data_dir=~/data', '--config.num_train_steps=4'))
+  assert harness.checkpoint_steps(str(tmp_path / 'home' / 'runs' / 'x')) == [4]
+  assert not os.path.exists(os.path.join(harness.ROOT, '~')), 'trained into a literal ./~ folder'
+  assert f'Workdir: {tmp_path}/home/runs/x' in out and f'idx:{tmp_path}/home/data' in out, out[-3000:]
+
+
+def test_profile_steps_beyond_the_run_are_clamped(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  out = _ok(harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=8', '--config.profile_steps=100000')))
+  assert 'profile_steps=100000 runs past the end of the run (step 8): tracing the 7 steps 2..8 instead' in out, \
+      out[-3000:]
+  assert 'Profile of steps 2..8 written' in out and '100001' not in out, out[-3000:]
+
+
+def test_resume_with_a_longer_schedule_logs_the_learning_rate_jump(tmp_path, trained, data_dir):
+  """Cosine over 8 steps ends at 0; resumed at 8 of 16 it is back at half the peak (0.05 / 2)."""
+  workdir = _copy(trained, tmp_path)
+  out = _ok(harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=16')))
+  assert ('Schedule changed on resume: 8 -> 16 total steps (cosine); the learning rate at step 8 goes from 0 '
+          '(saved schedule) to 0.025') in out, out[-3000:]
+  again = _ok(harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=16')))
+  assert 'Schedule changed' not in again  # The same schedule: no line.
