@@ -3,7 +3,7 @@
   python train.py --config=configs/default.py --workdir=/tmp/fmnist [--config.KEY=VALUE ...]
 
 Bad input (config, flags, data, checkpoints, topology) ends with one `error:` line and exit status 2;
-`--verbose` shows the traceback too. SIGTERM or Ctrl-C at any moment ends with one line and exit 0.
+`--verbose` shows the traceback too. SIGTERM, SIGHUP, SIGUSR1 or Ctrl-C at any moment ends with one line and exit 0.
 """
 
 import os
@@ -27,6 +27,7 @@ libenv.set_defaults(verbose=libenv.verbose_in(sys.argv))  # Before TensorFlow lo
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import paths  # noqa: E402
 from errors import UserError  # noqa: E402
 from parallel import host_malloc, topology  # noqa: E402
 from trainer import cli, reporting, workdir  # noqa: E402
@@ -63,6 +64,7 @@ def main(argv):
     raise UserError('--config is required, e.g. --config=configs/default.py')
   if not FLAGS.workdir:
     raise UserError('--workdir is required: the directory for checkpoints and metrics')
+  FLAGS.workdir = paths.resolve_path(FLAGS.workdir)  # `~` expanded, absolute: what every later use (and the log) sees.
   reporting.quiet_library_logs(keep_tracebacks=FLAGS.verbose)
   from trainer import config_check  # Bad values fail here, before any device, process or file is touched.
   config_check.validate(FLAGS.config)
@@ -101,7 +103,7 @@ def run():
     print(f'error: {e}', file=sys.stderr)
     _exit(2)
   except preemption.Stopped as e:
-    print(preemption.stopped_line(e), flush=True)
+    preemption.say(preemption.stopped_line(e))
     _exit(0)
 
 

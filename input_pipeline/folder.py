@@ -1,10 +1,13 @@
 """A folder of images, one sub-folder per class, as Keras `image_dataset_from_directory` and torchvision
 `ImageFolder` read it:
 
-  DATA_DIR/train/<class>/*.{jpg,jpeg,png}
+  DATA_DIR/train/<class>/**/*.{jpg,jpeg,png}
   DATA_DIR/test/<class>/...            (or validation/ or val/; `--config.eval_split` picks another name)
 
-Class names, sorted, are the labels 0..K-1 (from train/; an eval class missing from train/ is an error).
+Class names, sorted, are the labels 0..K-1 (from train/; an eval class missing from train/ is an error; at
+least 2 classes). A file in a sub-folder of a class folder, at any depth, belongs to that class (as in Keras
+and torchvision); extensions count in any case (.JPG), dotfiles and dot-folders are skipped, and the files
+are listed in a sorted, machine-independent order.
 Only the file list is held in memory (paths + labels, ~100 bytes per image); every image is read and decoded
 when a batch needs it, by this process only for its own rows.
 
@@ -20,6 +23,7 @@ import os
 from typing import List, Tuple
 
 import numpy as np
+from absl import logging
 
 from errors import UserError, setting
 from input_pipeline import sources
@@ -32,6 +36,27 @@ _GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
 
 def _listdir(directory: str) -> List[str]:
   return sorted(n for n in os.listdir(directory) if not n.startswith('.'))
+
+
+def _walk(class_dir: str) -> List[str]:
+  """Every file under `class_dir`, at any depth: a folder's own files (sorted), then its sub-folders' (sorted
+  by name), so the order, and with it the labels and batches, is the same on every machine. Dotfiles and
+  dot-folders are skipped; linked folders are followed, each real folder once (no loop)."""
+  out, seen = [], set()
+
+  def visit(directory):
+    real = os.path.realpath(directory)
+    if real in seen:
+      return
+    seen.add(real)
+    names = _listdir(directory)
+    out.extend(os.path.join(directory, n) for n in names if not os.path.isdir(os.path.join(directory, n)))
+    for n in names:
+      if os.path.isdir(os.path.join(directory, n)):
+        visit(os.path.join(directory, n))
+
+  visit(class_dir)
+  return out
 
 
 def _scan(split_dir: str, classes=None) -> Tuple[List[str], List[str], np.ndarray]:
@@ -48,12 +73,12 @@ def _scan(split_dir: str, classes=None) -> Tuple[List[str], List[str], np.ndarra
       raise UserError(f'{os.path.join(split_dir, name)} is a class that the train folder does not have: '
                       f'rename or remove it (train classes: {", ".join(classes[:10])}{more})')
     class_dir = os.path.join(split_dir, name)
-    files = _listdir(class_dir)
+    files = _walk(class_dir)
     if not files:
-      raise UserError(f'class folder {class_dir} is empty: add its images or remove the folder')
-    for f in files:
-      path = os.path.join(class_dir, f)
-      if not f.lower().endswith(EXTENSIONS) or not os.path.isfile(path):
+      raise UserError(f'class folder {class_dir} has no images (nor its sub-folders): add its images or remove the '
+                      'folder')
+    for path in files:
+      if not path.lower().endswith(EXTENSIONS) or not os.path.isfile(path):
         raise UserError(f'{path} is not a JPEG or PNG image (by its name): remove it, or convert it to '
                         f'{"/".join(EXTENSIONS)}')
       paths.append(path)
@@ -62,21 +87,47 @@ def _scan(split_dir: str, classes=None) -> Tuple[List[str], List[str], np.ndarra
 
 
 def _sniff(paths: List[str]) -> Tuple[set, bool]:
-  """(set of (height, width), all grayscale) from the headers of (a spread of) `paths`; bad files -> error."""
+  """(set of (height, width), all grayscale) from the headers of (a spread of) `paths`; bad files -> error.
+
+  PIL's own warnings (DecompressionBombWarning above ~89 megapixels, odd EXIF, ...) would print a stack line
+  per file on stderr: they become one log line per kind, naming the first file. PIL's pixel limit guards its
+  decoder, which never runs here (headers only; TF decodes), so a huge image is reported, not refused.
+  """
+  import warnings
   from PIL import Image, UnidentifiedImageError
   step = max(1, -(-len(paths) // SNIFF_LIMIT))
   sizes, gray = set(), True
-  for path in paths[::step]:
-    try:
-      with Image.open(path) as im:
-        fmt, (w, h), mode = im.format, im.size, im.mode
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-      raise UserError(f'{path} is not a readable image ({e.__class__.__name__}: {str(e)[:120]}): '
-                      'remove or replace the file') from None
-    if fmt not in ('JPEG', 'PNG'):
-      raise UserError(f'{path} is a {fmt} image, not JPEG or PNG: convert or remove it')
-    sizes.add((h, w))
-    gray = gray and mode in _GRAYSCALE_MODES
+  large, noted = [], {}  # noted: warning category -> (count, first file, message)
+  limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+  try:
+    for path in paths[::step]:
+      with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        try:
+          with Image.open(path) as im:
+            fmt, (w, h), mode = im.format, im.size, im.mode
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+          raise UserError(f'{path} is not a readable image ({e.__class__.__name__}: {str(e)[:120]}): '
+                          'remove or replace the file') from None
+      for w_ in caught:
+        count, first, message = noted.get(w_.category.__name__, (0, path, str(w_.message)))
+        noted[w_.category.__name__] = (count + 1, first, message)
+      if fmt not in ('JPEG', 'PNG'):
+        raise UserError(f'{path} is a {fmt} image, not JPEG or PNG: convert or remove it')
+      if limit and w * h > limit:
+        large.append((path, w, h))
+      sizes.add((h, w))
+      gray = gray and mode in _GRAYSCALE_MODES
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
+  if large:
+    path, w, h = large[0]
+    more = f' (and {len(large) - 1} more)' if len(large) > 1 else ''
+    logging.warning('%s%s is %dx%d pixels (%.0f megapixels): decoding it holds ~%.0f MB of host memory per copy; '
+                    'resize such images beforehand if memory runs short', path, more, w, h, w * h / 1e6,
+                    w * h * 3 / 1e6)
+  for category, (count, path, message) in noted.items():
+    logging.warning('PIL warned (%s) about %d file(s), first %s: %s', category, count, path, message[:200])
   return sizes, gray
 
 
@@ -141,4 +192,4 @@ def load(config) -> FolderSource:
   if not config.data_dir:
     raise UserError(f'{setting("data_source")}=folder needs {setting("data_dir")}=DIR with DIR/train/<class>/*.jpg '
                     'and DIR/test/<class>/*.jpg')
-  return FolderSource(config.data_dir, config.get('eval_split', ''))
+  return FolderSource(sources.data_dir(config), config.get('eval_split', ''))

@@ -21,6 +21,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
+import paths
 from errors import UserError, setting
 from input_pipeline import idx
 
@@ -60,6 +61,20 @@ class Source:
     counts per split, class names and the content digest. JSON-serializable; no path in it."""
     return {'examples': {s: int(self.num_examples(s)) for s in SPLITS}, 'classes': list(self.class_names()),
             'digest': self.content_digest()}
+
+
+def check_classes(source: Source) -> None:
+  """A classifier needs 2 classes: with one, the loss is 0 and the accuracy 1.0 from the first step, and
+  nothing is learned. In-memory labels are counted (a 10-class IDX file may hold a single label)."""
+  present = source.num_classes
+  if isinstance(source, InMemoryDataset):
+    present = min(present, len(np.unique(source.train_labels)))
+  if present < 2:
+    names = source.class_names()
+    which = f' ({names[0]!r})' if present == 1 and len(names) == 1 else ''
+    raise UserError(f'{source.description} has {present} class{"" if present == 1 else "es"}{which} in its train '
+                    'split: a classifier needs at least 2; add the other classes\' examples (folder source: one '
+                    f'sub-folder per class under train/), or check {setting("data_dir")}')
 
 
 def digest_of(items) -> str:
@@ -136,6 +151,11 @@ class InMemoryDataset(Source):
     return lambda i: (tf.gather(images, i), tf.gather(labels, i))
 
 
+def data_dir(config) -> str:
+  """`config.data_dir` as every source reads it: `~` expanded and absolute when local, a URL unchanged."""
+  return paths.resolve_path(config.data_dir)
+
+
 def _idx_dir(name: str, data_dir: str) -> Optional[str]:
   return data_dir or (DATASETS[name].idx_dir if name in DATASETS else None)
 
@@ -172,9 +192,9 @@ def load_idx(name: str, data_dir: str, num_classes: Optional[int] = None) -> InM
 
 
 def _check_data_dir(config) -> None:
-  data_dir = config.data_dir
-  if data_dir and '://' not in data_dir and not os.path.isdir(data_dir) and not config.download:
-    raise UserError(f'{setting("data_dir")}={data_dir} does not exist: point it at the directory of the IDX files '
+  local = data_dir(config)
+  if local and not paths.is_url(local) and not os.path.isdir(local) and not config.download:
+    raise UserError(f'{setting("data_dir")}={local} does not exist: point it at the directory of the IDX files '
                     '(or the TFDS data_dir), or leave it empty for the default location')
 
 
@@ -183,7 +203,7 @@ def _idx(config) -> Source:
   if config.dataset not in DATASETS and not config.data_dir:
     raise UserError(f'unknown dataset {config.dataset!r}: built-in datasets are {sorted(DATASETS)}; any TFDS name '
                     'works with --config.data_source=tfds')
-  return load_idx(config.dataset, config.data_dir)
+  return load_idx(config.dataset, data_dir(config))
 
 
 def _tfds(config) -> Source:
@@ -198,13 +218,13 @@ def _folder(config) -> Source:
 
 
 def _auto(config) -> Source:
-  name, data_dir = config.dataset, config.data_dir
+  name, directory = config.dataset, data_dir(config)
   _check_data_dir(config)
-  if _has_idx_files(_idx_dir(name, data_dir)):
+  if _has_idx_files(_idx_dir(name, directory)):
     return _idx(config)
   from input_pipeline import tfds_source
-  if name in DATASETS and DATASETS[name].idx_dir and not data_dir and not config.download:
-    if not tfds_source.is_prepared(tfds_source.builder(name, data_dir)):
+  if name in DATASETS and DATASETS[name].idx_dir and not directory and not config.download:
+    if not tfds_source.is_prepared(tfds_source.builder(name, directory)):
       raise UserError(f'dataset {name!r} was found neither as IDX files in {DATASETS[name].idx_dir} nor '
                       f'prepared for TFDS: {how_to_get(name)}')
   return tfds_source.load(config)

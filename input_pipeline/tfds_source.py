@@ -187,7 +187,7 @@ def _few_download_retries(retries: int = 3):
 
 def load(config) -> TfdsSource:
   name = config.dataset
-  b = builder(name, config.data_dir)
+  b = builder(name, sources.data_dir(config))
   if not is_prepared(b):
     if not config.download:
       raise UserError(f'TFDS dataset {name!r} is not prepared in {b.data_dir} and downloads are off: '

@@ -171,12 +171,38 @@ def _file_as_workdir(ctx):
   return _run(ctx, 'file', workdir=os.path.join(path, 'sub'))
 
 
+def _one_class_folder(ctx):
+  from tests.image_folders import make_image_folder
+  root = make_image_folder(os.path.join(ctx.root, 'one_class', 'data'), num_classes=1, per_class=(4, 2))
+  return _run(ctx, 'one_class', '--config.data_source=folder', f'--config.data_dir={root}', '--config.batch_size=4',
+              '--config.eval_batch_size=2', '--num_cpu_devices=1')
+
+
+def _huge_png_header(ctx):
+  """A PNG whose header says 10000 x 10000 (100 megapixels, over PIL's DecompressionBombWarning limit): the
+  header sniff reads only that. The run then stops for the mixed sizes (no --config.image_size)."""
+  import struct
+  import zlib
+  from tests.image_folders import make_image_folder
+  root = make_image_folder(os.path.join(ctx.root, 'huge', 'data'), num_classes=2, per_class=(4, 2))
+
+  def chunk(kind, data):
+    return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+  with open(os.path.join(root, 'train', 'class_01', 'huge.png'), 'wb') as f:
+    f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', 10000, 10000, 8, 0, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(b'\0' * 16)) + chunk(b'IEND', b''))
+  return _run(ctx, 'huge', '--config.data_source=folder', f'--config.data_dir={root}', '--config.batch_size=4',
+              '--config.eval_batch_size=2', '--num_cpu_devices=1')
+
+
 CASES = {  # name -> fn(ctx); the slow chain first so that it overlaps everything else
     'trained': _trained,
     'config_missing': lambda c: _run(c, 'config_missing', config='configs/no_such_config.py'),
     'config_syntax': _syntax_error_config,
     'config_unknown_key': lambda c: _run(c, 'unknown_key', '--config.batchsize=32'),
     'config_bad_type': lambda c: _run(c, 'bad_type', '--config.batch_size=abc'),
+    'config_alias_lr': lambda c: _run(c, 'alias_lr', '--config.lr=0.1'),
+    'config_nearest': lambda c: _run(c, 'nearest', '--config.profile=3'),
     **{f'value:{kv}': (lambda kv: lambda c: _run(c, kv, f'--config.{kv}'))(kv) for kv in THROUGH_TRAIN_PY},
     'verbose': lambda c: _run(c, 'verbose', '--config.batch_size=0', '--verbose'),
     'verbose_1': lambda c: _run(c, 'verbose_1', '--config.batch_size=0', '--verbose=1'),
@@ -205,6 +231,10 @@ CASES = {  # name -> fn(ctx); the slow chain first so that it overlaps everythin
     'label_range': lambda c: _data(c, 'label_range', lambda d: idx.write_idx(
         os.path.join(d, 't10k-labels-idx1-ubyte.gz'), np.full(48, 12, np.uint8))),
     'tfds_offline': _tfds_offline,
+    'one_class_folder': _one_class_folder,
+    'one_label_idx': lambda c: _data(c, 'one_label_idx', lambda d: idx.write_idx(
+        os.path.join(d, 'train-labels-idx1-ubyte.gz'), np.zeros(256, np.uint8))),
+    'huge_png_header': _huge_png_header,
     'dataset_unknown': lambda c: _run(c, 'dataset', '--config.dataset=no_such_dataset'),
     'data_dir_remote_offline': lambda c: _run(c, 'remote', '--config.data_dir=gs://no-such-bucket/data'),
     'other_model': lambda c: _rerun(c, 'other_model', lambda ckpts: None, '--config.model=cnn'),
@@ -288,6 +318,13 @@ def test_config_syntax_error(runs, case):
 @_case('config_unknown_key')
 def test_unknown_config_key(runs, case):
   _assert_refused(runs.result(case), '--config.batchsize', 'does not exist', '--config.batch_size?')
+
+
+@_case('config_alias_lr', 'config_nearest')
+def test_unknown_config_key_suggests_the_nearest(runs, case):
+  """ml_collections finds no match for these: a name other trainers use (lr) and a prefix (profile)."""
+  key, meant = {'config_alias_lr': ('lr', 'learning_rate'), 'config_nearest': ('profile', 'profile_steps')}[case]
+  _assert_refused(runs.result(case), f'--config.{key}:', 'does not exist', f'did you mean --config.{meant}?')
 
 
 @_case('config_bad_type')
@@ -447,6 +484,23 @@ def test_tfds_not_prepared_offline(runs, case):
   _assert_refused(runs.result(case), "TFDS dataset 'fashion_mnist' is not prepared", 'downloads are off',
                   '--config.download=True')
   assert not os.listdir(os.path.join(runs.ctx.root, 'tfds_data')), 'TFDS wrote into the empty data_dir'
+
+
+@_case('one_class_folder', 'one_label_idx')
+def test_fewer_than_two_classes_is_refused(runs, case):
+  """One class trains to loss 0 and accuracy 1.0 and learns nothing: refused, for folders and in-memory labels."""
+  line = _assert_refused(runs.result(case), 'has 1 class', 'a classifier needs at least 2', '--config.data_dir')
+  assert ("folder:" in line and "('class_00')" in line) if case == 'one_class_folder' else 'idx:' in line, line
+
+
+@_case('huge_png_header')
+def test_image_library_warning_is_one_line(runs, case):
+  proc = runs.result(case)[0]
+  _assert_refused(runs.result(case), 'image_size')
+  out = proc.stdout + proc.stderr
+  assert 'DecompressionBomb' not in out and 'warnings.warn' not in out, out[-3000:]
+  lines = [x for x in out.splitlines() if 'huge.png' in x]
+  assert len(lines) == 1 and '10000x10000 pixels (100 megapixels)' in lines[0], lines
 
 
 @_case('other_model')

@@ -40,6 +40,34 @@ def test_layout_labels_and_counts(tmp_path):
   assert src.name_of('eval', 5).endswith(os.path.join('test', 'class_02', '00001.png'))
 
 
+def test_files_in_sub_folders_belong_to_their_class(tmp_path):
+  """As Keras and torchvision read a class folder: at any depth, extensions in any case, dot-entries skipped,
+  in one order (the folder's own files, then its sub-folders by name) that the content digest follows."""
+  root = make_image_folder(str(tmp_path / 'd'), num_classes=2, per_class=(2, 1))
+  cls, image = os.path.join(root, 'train', 'class_01'), np.zeros((12, 12, 3), np.uint8)
+  for sub in ('b/deeper', 'a', '.cache'):
+    os.makedirs(os.path.join(cls, sub))
+  for name in ('b/deeper/z.png', 'b/x.jpg', 'a/y.PNG', '.cache/thumb.jpg'):
+    write_image(os.path.join(cls, name), image)
+  open(os.path.join(cls, 'a', '.DS_Store'), 'w').write('finder')
+  src = folder.load(_config(root))
+  train = [os.path.relpath(p, os.path.join(root, 'train')) for p in src._files['train'][0]]
+  assert train == ['class_00/00000.png', 'class_00/00001.png', 'class_01/00000.png', 'class_01/00001.png',
+                   'class_01/a/y.PNG', 'class_01/b/x.jpg', 'class_01/b/deeper/z.png'], train
+  assert list(src.labels('train')) == [0, 0, 1, 1, 1, 1, 1] and src.classes == ['class_00', 'class_01']
+  import shutil
+  copy = shutil.copytree(root, str(tmp_path / 'elsewhere'))
+  assert folder.load(_config(copy)).content_digest() == src.content_digest()
+  write_image(os.path.join(copy, 'train', 'class_01', 'b', 'deeper', 'new.png'), image)
+  assert folder.load(_config(copy)).content_digest() != src.content_digest()
+  os.makedirs(os.path.join(root, 'train', 'class_00', 'empty'))  # An empty sub-folder is no error...
+  assert folder.load(_config(root)).num_examples('train') == 7
+  for f in os.listdir(os.path.join(root, 'test', 'class_01')):  # ...a class with sub-folders but no image is.
+    os.remove(os.path.join(root, 'test', 'class_01', f))
+  os.makedirs(os.path.join(root, 'test', 'class_01', 'sub'))
+  _error(lambda: folder.load(_config(root)), os.path.join(root, 'test', 'class_01'), 'no images')
+
+
 @pytest.mark.parametrize('eval_dir', ['validation', 'val'])
 def test_eval_folder_names(tmp_path, eval_dir):
   root = make_image_folder(str(tmp_path / 'd'), per_class=(2, 1), eval_dir=eval_dir)
@@ -170,6 +198,12 @@ def test_decode_failure_during_training_names_file_and_step(tmp_path, split):
 @pytest.mark.slow
 def test_train_py_on_a_folder(tmp_path):
   root = make_image_folder(str(tmp_path / 'd'), num_classes=4, per_class=(48, 13), size=(16, 16), fmt='jpg')
+  for split, k in (('train', 3), ('test', 1)):  # Files in sub-folders of a class folder are that class's.
+    d = os.path.join(root, split, f'class_{k:02d}')
+    os.makedirs(os.path.join(d, 'more'))
+    for f in sorted(os.listdir(d))[::2]:
+      if f != 'more':
+        os.rename(os.path.join(d, f), os.path.join(d, 'more', f))
   args = ['--config.data_source=folder', f'--config.data_dir={root}', '--config.batch_size=32',
           '--config.eval_batch_size=16', '--config.num_epochs=3', '--config.augment=cifar', '--num_cpu_devices=2']
   r = harness.run_train(str(tmp_path / 'w'), *args)

@@ -72,8 +72,10 @@ def test_killed_peer_fails_the_survivor_then_both_resume(tmp_path, data_dir):
   assert harness.checkpoint_steps(workdir)[-1] == last + 8
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir):
-  """JAX's preemption sync: the processes agree on one step, save together, and exit 0."""
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGUSR1], ids=['SIGTERM', 'SIGUSR1'])
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir, sig):
+  """JAX's preemption sync: the processes agree on one step, save together, and exit 0. JAX takes SIGTERM
+  over; SIGUSR1 (and SIGHUP, SIGINT) reach it forwarded as a SIGTERM by the trainer's handler."""
   workdir = str(tmp_path / 'run')
   logs = [str(tmp_path / f'p{i}.log') for i in (0, 1)]
   procs = _start_pair(workdir, f'--config.data_dir={data_dir}', '--config.num_epochs=500',
@@ -81,7 +83,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, data_dir):
   assert harness.wait_for(lambda: any(e['step'] >= 16 for e in harness.metrics(workdir))
                           or any(p.poll() is not None for p in procs), timeout=240)
   assert all(p.poll() is None for p in procs), open(logs[0]).read()[-3000:]
-  procs[1].send_signal(signal.SIGTERM)
+  procs[1].send_signal(sig)
   assert [p.wait(timeout=120) for p in procs] == [0, 0], open(logs[0]).read()[-3000:]
   steps = harness.checkpoint_steps(workdir)
   assert len(steps) == 1 and steps[0] >= 16, steps

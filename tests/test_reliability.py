@@ -274,3 +274,126 @@ def test_ctrl_c_saves_and_exits_zero_and_a_second_one_exits_at_once(tmp_path, da
   assert proc.wait(timeout=10) == 130, open(log2).read()[-3000:]
   text = open(log2).read()
   assert 'Second Ctrl-C: exiting at once' in text and 'Traceback' not in text, text[-2000:]
+
+
+# SIGHUP: the terminal closed or the SSH session dropped. SIGUSR1: Slurm's `--signal=USR1@SECONDS` warning.
+# Both act as SIGTERM does; the default action of either would end the run at once, with no line and no save.
+OTHER_SIGNALS = pytest.mark.parametrize('sig', [signal.SIGHUP, signal.SIGUSR1], ids=['SIGHUP', 'SIGUSR1'])
+
+
+@OTHER_SIGNALS
+def test_hangup_and_slurm_warning_during_start_up_exit_zero_with_one_line(tmp_path, data_dir, sig):
+  for name, wait in (('imports', lambda wd: time.sleep(1.5) or True),
+                     ('setup', lambda wd: os.path.exists(os.path.join(wd, '.lock')))):
+    workdir = str(tmp_path / name)
+    log = str(tmp_path / f'{name}.log')
+    proc = harness.start_train(workdir, *_args(data_dir), log_path=log)
+    assert harness.wait_for(lambda: wait(workdir) or proc.poll() is not None, timeout=120)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 0, open(log).read()[-3000:]
+    text = open(log).read()
+    assert 'Traceback' not in text, text[-3000:]
+    assert f'Stopped ({sig.name}) during start-up' in text or 'Preempted: checkpoint saved at step 1/' in text, \
+        text[-2000:]
+
+
+@OTHER_SIGNALS
+def test_hangup_and_slurm_warning_save_at_the_next_step_exit_zero_and_resume(tmp_path, data_dir, sig):
+  """Sent just after an eval (a checkpoint save may be running): the run saves at the next step boundary."""
+  workdir = str(tmp_path / 'run')
+  log = str(tmp_path / 'run.log')
+  proc = harness.start_train(workdir, *_args(data_dir, '--config.num_train_steps=100000', '--config.eval_every_steps=8',
+                                             '--config.checkpoint_every_steps=8'), log_path=log)
+  assert harness.wait_for(lambda: any(e['kind'] == 'eval' and e['step'] >= 8 for e in harness.metrics(workdir))
+                          or proc.poll() is not None)
+  proc.send_signal(sig)
+  assert proc.wait(timeout=60) == 0, open(log).read()[-3000:]
+  text = open(log).read()
+  steps = harness.checkpoint_steps(workdir)
+  assert 'Traceback' not in text and steps and steps[-1] >= 8, (steps, text[-3000:])
+  assert f'Preempted ({sig.name}): saved a checkpoint at step {steps[-1]} of 100000' in text, text[-2000:]
+  assert f'Preempted: checkpoint saved at step {steps[-1]}/100000' in text
+  out = _ok(harness.run_train(workdir, *_args(data_dir, f'--config.num_train_steps={steps[-1] + 4}')))
+  assert f'resuming at step {steps[-1]}' in out and harness.checkpoint_steps(workdir)[-1] == steps[-1] + 4
+
+
+def test_hangup_during_the_final_eval_and_save_completes_the_run(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  log = str(tmp_path / 'run.log')
+  proc = harness.start_train(workdir, *_args(data_dir, '--config.num_train_steps=8'), log_path=log)
+  assert harness.wait_for(lambda: any(e['kind'] == 'eval' for e in harness.metrics(workdir)) or proc.poll() is not None)
+  proc.send_signal(signal.SIGHUP)
+  assert proc.wait(timeout=60) == 0, open(log).read()[-3000:]
+  text = open(log).read()
+  assert 'Traceback' not in text and harness.checkpoint_steps(workdir)[-1] == 8, text[-3000:]
+
+
+def test_closed_terminal_saves_and_exits_zero(tmp_path, data_dir):
+  """The real thing behind a SIGHUP: train.py's controlling terminal goes away (its pty master is closed), so
+  the kernel sends SIGHUP and every later write to the terminal fails (EIO). It still saves and exits 0."""
+  import fcntl
+  import pty
+  import subprocess
+  import select
+  import termios
+  master, slave = pty.openpty()
+
+  def own_terminal():  # In the child: a new session whose controlling terminal is the pty, as in an SSH login.
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+  workdir = str(tmp_path / 'run')
+  cmd = harness.train_cmd(workdir, *_args(data_dir, '--config.num_train_steps=100000',
+                                          '--config.checkpoint_every_steps=1000'))
+  proc = subprocess.Popen(cmd, cwd=harness.ROOT, env=harness._env(), stdin=slave, stdout=slave, stderr=slave,
+                          preexec_fn=own_terminal)
+  os.close(slave)
+  seen = []
+
+  def read_terminal():  # What a terminal does: read the run's output (else its writes block on a full pty).
+    while select.select([master], [], [], 0)[0]:
+      try:
+        seen.append(os.read(master, 65536))
+      except OSError:
+        return
+
+  try:
+    assert harness.wait_for(lambda: read_terminal() or any(e['step'] >= 8 for e in harness.metrics(workdir))
+                            or proc.poll() is not None)
+    assert proc.poll() is None, b''.join(seen)[-3000:]
+  finally:
+    os.close(master)  # The terminal window closes.
+  assert proc.wait(timeout=60) == 0, b''.join(seen)[-3000:]
+  steps = harness.checkpoint_steps(workdir)
+  assert len(steps) == 1 and steps[0] >= 8, steps
+
+
+# --- paths, profile and schedule lines -------------------------------------------------------------------------
+
+
+def test_tilde_in_workdir_and_data_dir_expands_and_the_log_says_where(tmp_path, data_dir, monkeypatch):
+  """`--workdir='~/runs/x'` (quoted: the shell leaves the `~`) used to train into a literal ./~/runs/x."""
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  shutil.copytree(data_dir, str(tmp_path / 'home' / 'data'))
+  out = _ok(harness.run_train('~/runs/x', DEVICES, '--config.data_dir=~/data', '--config.num_train_steps=4'))
+  assert harness.checkpoint_steps(str(tmp_path / 'home' / 'runs' / 'x')) == [4]
+  assert not os.path.exists(os.path.join(harness.ROOT, '~')), 'trained into a literal ./~ folder'
+  assert f'Workdir: {tmp_path}/home/runs/x' in out and f'idx:{tmp_path}/home/data' in out, out[-3000:]
+
+
+def test_profile_steps_beyond_the_run_are_clamped(tmp_path, data_dir):
+  workdir = str(tmp_path / 'run')
+  out = _ok(harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=8', '--config.profile_steps=100000')))
+  assert 'profile_steps=100000 runs past the end of the run (step 8): tracing the 7 steps 2..8 instead' in out, \
+      out[-3000:]
+  assert 'Profile of steps 2..8 written' in out and '100001' not in out, out[-3000:]
+
+
+def test_resume_with_a_longer_schedule_logs_the_learning_rate_jump(tmp_path, trained, data_dir):
+  """Cosine over 8 steps ends at 0; resumed at 8 of 16 it is back at half the peak (0.05 / 2)."""
+  workdir = _copy(trained, tmp_path)
+  out = _ok(harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=16')))
+  assert ('Schedule changed on resume: 8 -> 16 total steps (cosine); the learning rate at step 8 goes from 0 '
+          '(saved schedule) to 0.025') in out, out[-3000:]
+  again = _ok(harness.run_train(workdir, *_args(data_dir, '--config.num_train_steps=16')))
+  assert 'Schedule changed' not in again  # The same schedule: no line.

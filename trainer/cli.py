@@ -1,6 +1,7 @@
 """Command-line hygiene for train.py: absl / ml_collections parse errors become one `UserError` line
 (train.py prints it and exits 2) instead of a traceback."""
 
+import difflib
 import os
 import re
 
@@ -36,7 +37,8 @@ def parse_flags(flag_values, argv):
       raise UserError(f'{path} failed to load ({e.__class__.__name__}: {first_line(e)}): fix the config file, '
                       'it must define get_config()') from None
     match = re.search(r'Did you mean "([^"]+)"', str(e))
-    hint = f'did you mean --config.{match.group(1)}? ' if match else ''
+    nearest = match.group(1) if match else _nearest_key(unknown)
+    hint = f'did you mean --config.{nearest}? ' if nearest else ''
     raise UserError(f'--config.{unknown}: that config key does not exist: {hint}the keys are listed in '
                     'configs/default.py') from None
   except Exception as e:  # The config file raised while running (an import, get_config()).
@@ -75,6 +77,23 @@ def _config_path(argv) -> str:
     if arg == '--config' and i + 1 < len(argv):
       return argv[i + 1]
   return ''
+
+
+# Names other trainers use for our keys, which string similarity alone does not find.
+ALIASES = {'lr': 'learning_rate', 'epochs': 'num_epochs', 'bs': 'batch_size', 'steps': 'num_train_steps',
+           'train_steps': 'num_train_steps', 'wd': 'weight_decay', 'arch': 'model', 'data': 'data_dir',
+           'warmup': 'warmup_steps', 'schedule': 'lr_schedule', 'optim': 'optimizer'}
+
+
+def _nearest_key(key: str) -> str:
+  """The configs/default.py key that `key` most likely meant ('' if none is close): an alias, else difflib."""
+  from configs import default
+  keys = sorted(default.get_config().keys())
+  name = key.split('.')[-1].lower().replace('-', '_')
+  if name in ALIASES:
+    return ALIASES[name]
+  close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+  return close[0] if close else ''
 
 
 def _unknown_override(argv, message: str) -> str:

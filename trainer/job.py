@@ -116,6 +116,7 @@ def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
     raise UserError(f'{setting("batch_size")}={config.batch_size} does not split into {setting("grad_accum_steps")}'
                     f'={accum} micro-batches on each of {n_dev} devices: use a multiple of {accum * n_dev}')
   data = data if data is not None else sources.load(config)
+  sources.check_classes(data)
   prep = augment.Preprocess.from_config(config, data)
   num_train = data.num_examples('train')
   steps_per_epoch = order.steps_per_epoch(num_train, config.batch_size)

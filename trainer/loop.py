@@ -7,9 +7,10 @@ from typing import Callable, Optional
 import jax
 from absl import logging
 
+import paths
 from errors import UserError, setting
 from parallel import topology
-from trainer import checkpoints, hooks, job as job_lib, plots, reporting, utilization, workdir as workdir_lib
+from trainer import checkpoints, hooks, job as job_lib, optim, plots, reporting, utilization, workdir as workdir_lib
 from trainer import preemption as preemption_lib
 from trainer.profiling import Profiler
 
@@ -123,12 +124,16 @@ class Trainer:
     self.ckpts = checkpoints.Checkpoints(workdir, self.config.keep_checkpoints, fp)
     # Decide, restore, then write: a refused start leaves config.json, its history and the checkpoints as they were.
     start = workdir_lib.decide(workdir, self.config, self.ckpts.newest_meta, fp, checkpoints.compare)
+    # Read before start.record rewrites config.json.
+    saved_schedule = optim.saved_schedule_config(workdir) if self.is_main and self.ckpts.latest_step() is not None else None
     restored = self.ckpts.restore_latest(state)
     self.resumed = restored is not None
     state = restored if self.resumed else state
     self.start_step = int(jax.device_get(state.step))  # From the canonical state: pmap's has one per device.
     self.state = job.stepper.to_device(state)
     start.record(self.start_step if self.resumed else None)
+    if self.resumed:
+      optim.log_schedule_change(saved_schedule, self.config, job.steps_per_epoch, job.total_steps, self.start_step)
     self.reporter = reporting.Reporter(workdir, self.is_main, self.start_step)
     self.window = _StepMetrics(job.stepper, self.config.max_steps_in_flight, self.last_checkpoint)
     self.speed = reporting.Throughput(self.start_step, job.total_steps, self.config.batch_size)
@@ -136,7 +141,7 @@ class Trainer:
     self.feed = None
     c = self.config
     self.utilization = utilization.Utilization(job)
-    self.profiler = Profiler(workdir, c.profile_steps, self.start_step)
+    self.profiler = Profiler(workdir, c.profile_steps, self.start_step, job.total_steps)
     # The periodic actions, in the order they run at a step; a new one is one line here.
     self.actions = [
         hooks.Periodic('log', c.log_every_steps, self.log, aside=False),
@@ -187,6 +192,7 @@ class Trainer:
     job, data = self.job, self.job.data
     if not self.is_main:
       return
+    logging.info('Workdir: %s', paths.resolve_path(self.workdir))
     logging.info('Topology:\n%s', topology.summary(self.config.batch_size, self.config.parallel_backend))
     logging.info('Data: %s (%d train, %d eval, %d classes; %s); %d steps/epoch, %d steps total; %s',
                  data.description, data.num_examples('train'), data.num_examples('eval'), data.num_classes,
@@ -232,7 +238,7 @@ class Trainer:
     if self.is_main and self.config.plot and self.final is not None:
       logging.info('Learning curves: %s', plots.plot_learning_curves(self.workdir))
     if preemption_lib.received():
-      print(f'{preemption_lib.received()} after the last step: the run is complete and saved.', flush=True)
+      preemption_lib.say(f'{preemption_lib.received()} after the last step: the run is complete and saved.')
     return self.final or {}
 
   def eval_only(self) -> dict:
@@ -267,7 +273,7 @@ class Trainer:
     total, name = self.job.total_steps, preemption_lib.received() or 'SIGTERM'
     reporting.log(f'Preempted ({name}): saved a checkpoint at step {step} of {total} in {self.ckpts.directory}; '
                   'run the same command to resume.', self.is_main)
-    print(f'Preempted: checkpoint saved at step {step}/{total}; rerun the same command to resume.', flush=True)
+    preemption_lib.say(f'Preempted: checkpoint saved at step {step}/{total}; rerun the same command to resume.')
     return {'preempted_at': step}
 
 

@@ -5,10 +5,14 @@ Weight decay (`config.weight_decay`) touches kernels only (`decay_mask`): never 
 scales and offsets, or ViT position embeddings, as in the Flax ImageNet example and big_vision.
 """
 
-from typing import Callable, Dict
+import json
+import os
+import types
+from typing import Callable, Dict, Optional
 
 import jax
 import optax
+from absl import logging
 
 # name -> (config, peak_lr, total_steps) -> schedule
 SCHEDULES: Dict[str, Callable] = {
@@ -51,3 +55,39 @@ def make_schedule(config, total_steps: int):
 
 def make_optimizer(config, total_steps: int) -> optax.GradientTransformation:
   return OPTIMIZERS[config.optimizer](config, make_schedule(config, total_steps))
+
+
+# The fields that decide the schedule's values: a resume that changes one moves the learning rate at the resume step.
+SCHEDULE_FIELDS = ('lr_schedule', 'learning_rate', 'lr_per_256', 'batch_size', 'warmup_steps', 'num_epochs',
+                   'num_train_steps')
+
+
+def saved_schedule_config(workdir: str) -> Optional[dict]:
+  """The schedule fields of WORKDIR/config.json (the run being resumed), or None when it cannot be read. Read
+  before this run records its own config there."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return {k: saved[k] for k in SCHEDULE_FIELDS if k in saved} if isinstance(saved, dict) else None
+
+
+def log_schedule_change(saved: Optional[dict], config, steps_per_epoch: int, total_steps: int, step: int) -> None:
+  """On a resume at `step`: when the schedule differs from the saved run's (more epochs, more steps, another
+  rate), one line with the learning rate at `step` under both: a longer cosine run climbs back up from ~0."""
+  if not saved:
+    return
+  old = types.SimpleNamespace(**{k: config[k] for k in SCHEDULE_FIELDS})
+  try:
+    vars(old).update(saved)
+    old_total = old.num_train_steps if old.num_train_steps > 0 else old.num_epochs * steps_per_epoch
+    before = float(make_schedule(old, old_total)(step))
+  except (KeyError, TypeError, ValueError):  # A schedule or value this version does not know: nothing to compare.
+    return
+  after = float(make_schedule(config, total_steps)(step))
+  if old_total == total_steps and abs(after - before) <= 1e-6 * max(abs(before), 1e-30):
+    return
+  log = logging.warning if after > before * (1 + 1e-6) else logging.info
+  log('Schedule changed on resume: %d -> %d total steps (%s); the learning rate at step %d goes from %.4g '
+      '(saved schedule) to %.4g', old_total, total_steps, config.lr_schedule, step, before, after)

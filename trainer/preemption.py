@@ -1,4 +1,7 @@
-"""SIGTERM or SIGINT (Ctrl-C) -> checkpoint at the next step boundary, one line, exit 0.
+"""SIGTERM, SIGHUP, SIGUSR1 or SIGINT (Ctrl-C) -> checkpoint at the next step boundary, one line, exit 0.
+
+SIGHUP is a closed terminal or a dropped SSH session; SIGUSR1 is Slurm's pre-timeout warning
+(`--signal=USR1@SECONDS`): both save and stop like a SIGTERM, so a rerun (or Slurm's requeue) resumes there.
 
 `install()` runs first thing in train.py, before its heavy imports, so no moment of the run is left with
 the default handler (exit 143, no message):
@@ -7,15 +10,15 @@ the default handler (exit 143, no message):
   - training: a flag, read at every step boundary, where the loop saves and stops;
   - after the last step (final save, plot): noted; the run finishes, then says so.
 A second Ctrl-C exits at once. Multi-process: `jax.distributed.initialize` takes SIGTERM over for JAX's
-preemption sync, which makes all processes agree on one step and save together; a Ctrl-C is forwarded to
-it as a SIGTERM.
+preemption sync, which makes all processes agree on one step and save together; a Ctrl-C, SIGHUP or SIGUSR1
+is forwarded to it as a SIGTERM.
 """
 
 import os
 import signal
 import sys
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 _phase = 'importing'  # -> 'startup' (train.py's run) -> 'training' -> 'finishing'
 _received = None  # Name of the first signal received, e.g. 'SIGTERM'.
 
@@ -53,15 +56,24 @@ def _on_signal(signum, frame):
     os._exit(130)
   _received = _received or name
   if _phase == 'importing':  # Nothing is open or written yet.
-    print(_stopped_line(name), flush=True)
+    say(_stopped_line(name))
     os._exit(0)
   if _phase == 'startup':
     if frame is not None and frame.f_code.co_name in _CALLBACK_FRAMES:
       return  # Python would print and drop an exception raised in a gc callback; the flag stops the run.
     raise Stopped(name)
   import jax
-  if signum == signal.SIGINT and _phase == 'training' and jax.process_count() > 1:
+  if signum != signal.SIGTERM and _phase == 'training' and jax.process_count() > 1:
     os.kill(os.getpid(), signal.SIGTERM)  # Into JAX's preemption sync: all processes stop at one step.
+
+
+def say(line: str) -> None:
+  """Prints `line` to stdout; after a SIGHUP the terminal may be gone (EIO, EPIPE): then the rest of the output
+  goes to /dev/null, so that the checkpoint already saved still ends the run with exit 0."""
+  try:
+    print(line, flush=True)
+  except OSError:
+    sys.stdout = open(os.devnull, 'w')
 
 
 def _stopped_line(name: str) -> str:
