@@ -125,7 +125,8 @@ class Trainer:
     # Decide, restore, then write: a refused start leaves config.json, its history and the checkpoints as they were.
     start = workdir_lib.decide(workdir, self.config, self.ckpts.newest_meta, fp, checkpoints.compare)
     # Read before start.record rewrites config.json.
-    saved_schedule = optim.saved_schedule_config(workdir) if self.is_main and self.ckpts.latest_step() is not None else None
+    resuming = self.is_main and self.ckpts.latest_step() is not None
+    saved_schedule = optim.saved_schedule_config(workdir) if resuming else None
     restored = self.ckpts.restore_latest(state)
     self.resumed = restored is not None
     state = restored if self.resumed else state
