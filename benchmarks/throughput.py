@@ -417,7 +417,7 @@ def _timed_steps(stepper, state, feed, backend: str, k: int, batch: int, max_in_
   # Cost analysis of the same math (`Job.flops_stepper`: XLA's convolutions); flops are one device's program.
   t = time.perf_counter()
   try:
-    flops_one = cost_flops((flops_stepper or stepper).train_step.lower(state, next(feed)).compile())
+    flops_one = cost_flops((flops_stepper or stepper).train_step.lower(state, next(feed)))  # No second compile.
   except Exception as e:  # No cost analysis on some backends/versions: report the row without GFLOP/s.
     print(f'  no cost analysis for {backend} dev={k} batch={batch}: {e.__class__.__name__}: {e}', file=sys.stderr)
     flops_one = None

@@ -13,7 +13,8 @@ Blocks above 32 MiB (glibc's ceiling for that threshold; the ResNet's step tempo
 `mmap` per step. `restart_for(config)` backs those with transparent huge pages (`--config.huge_pages`): one
 fault per 2 MiB instead of per 4 KiB. On the 2-core AMD EPYC VM the fashion_mnist_resnet step went from
 ~325-340 to ~385-410 img/s, while the default CNN, whose blocks stay under 32 MiB, lost ~3% (three pairs of
-runs: 2018/1782/1921 off vs 1957/1743/1857 on): `auto` turns it on for every model but `cnn` and `mlp`.
+runs: 2018/1782/1921 off vs 1957/1743/1857 on). It is opt-in (`huge_pages='on'`; configs/fashion_mnist_resnet.py,
+a CPU recipe, sets it): the restart re-executes the process, which nothing but a large-step CPU job gains from.
 
 `DPTRAIN_MALLOC=glibc` in the environment turns both off and leaves glibc's defaults (the throughput benchmark
 runs the seed's loop that way).
@@ -46,16 +47,14 @@ def keep_freed_memory() -> bool:
       (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD)))
 
 
-HUGE_PAGES = {'auto': None, 'on': True, 'off': False}  # --config.huge_pages; auto: by model, as measured.
-SMALL_STEP_MODELS = ('cnn', 'mlp')  # Step temporaries under 32 MiB: huge pages measured no gain (CNN: -3%).
+HUGE_PAGES = {'off': False, 'on': True}  # --config.huge_pages: opt-in, so no GPU or TPU job is re-executed.
 _HUGETLB = 'glibc.malloc.hugetlb=1'
 _RESTARTED = 'DPTRAIN_MALLOC_RESTARTED'  # Set in the restarted process, holding the original GLIBC_TUNABLES.
 _THP_MODE = '/sys/kernel/mm/transparent_hugepage/enabled'
 
 
 def huge_pages_wanted(config) -> bool:
-  choice = HUGE_PAGES[config.huge_pages]
-  return choice if choice is not None else config.model not in SMALL_STEP_MODELS
+  return HUGE_PAGES[config.huge_pages]
 
 
 def restart_for(config) -> None:
