@@ -32,7 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.allow_data_change = False     # resume on data with other example counts or content (images added); class
                                   # names must still match; recorded in config_history.jsonl
   # Model (models/).
-  c.model = 'cnn'                 # cnn | mlp | resnet18 | resnet34 | resnet50 | vit_ti | vit_s
+  c.model = 'cnn'                 # cnn | mlp | resnet18 | resnet34 | resnet50 | vit_ti | vit_s | vit_b | vit_l
   c.dtype = 'float32'             # compute dtype: float32 | bfloat16 (params and optimizer stay float32)
   c.conv_impl = 'auto'            # conv kernel gradient: auto (matmul_wgrad on CPU, else xla) | xla | matmul_wgrad
   c.bn_impl = 'auto'              # BatchNorm(-ReLU-pool) derivative: auto (fused on CPU, else flax) | flax | fused
@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.resnet_width = 64             # ResNet channels of the first stage (doubled per stage)
   c.resnet_stages = ''            # ResNet blocks per stage, e.g. '1,1,1'; '' = the model's standard depth
   c.patch_size = 16               # ViT patch size (16 at 224 px, 4 at 28/32 px)
-  c.vit_depth = 0                 # ViT encoder blocks; 0 = the model's standard 12
+  c.vit_depth = 0                 # ViT encoder blocks; 0 = the model's standard depth (12; vit_l: 24)
   # Optimisation.
   c.batch_size = 128              # global, over all devices and processes
   c.eval_batch_size = 1000        # global; the last test batch is padded and masked
@@ -60,7 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1          # micro-batches per optimizer step; batch_size is the whole (global) batch
   c.seed = 0
   # Parallelism (parallel/).
-  c.parallel_backend = 'shard_map'  # shard_map | pmap
+  c.parallel_backend = 'shard_map'  # shard_map | pmap | jit (global arrays; the partitioner adds the collectives)
+  c.shard_params = 'none'         # jit only: none (replicated state) | fsdp (params, EMA, optimizer state split
+                                  # over the devices along each array's largest divisible dimension)
+  c.fsdp_min_bytes = 65536        # fsdp: arrays smaller than this stay replicated
   c.bn_mode = 'global'            # global: BN statistics over the global batch | local: per device + sync
   c.max_steps_in_flight = 2       # steps dispatched ahead of the host; bounds CPU collective queues
   c.prefetch_batches = 2          # batches placed on the devices ahead of the step

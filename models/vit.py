@@ -1,6 +1,6 @@
 """Vision Transformer (pre-LayerNorm encoder, learned position embeddings, global-average-pooled head).
 
-`patch_size` is a config field: 16 at 224 px (ViT-S/16), 4 at 32 px or 28 px. No BatchNorm, so the
+`patch_size` is a config field: 16 at 224 px (ViT-Ti/S/B/L/16), 4 at 32 px or 28 px. No BatchNorm, so the
 model is also the test case for exact gradient accumulation.
 """
 
@@ -15,6 +15,8 @@ from errors import UserError, setting
 SIZES = {
     'vit_ti': (192, 12, 3, 768),
     'vit_s': (384, 12, 6, 1536),
+    'vit_b': (768, 12, 12, 3072),
+    'vit_l': (1024, 24, 16, 4096),
 }
 
 
@@ -66,6 +68,6 @@ class ViT(nn.Module):
 
 
 def build(name: str, config, **kw) -> ViT:
-  """Reads `config.patch_size` and `config.vit_depth` (0 = the standard 12 blocks)."""
+  """Reads `config.patch_size` and `config.vit_depth` (0 = the model's standard depth: 12, vit_l 24)."""
   width, depth, heads, mlp_dim = SIZES[name]
   return ViT(width, config.vit_depth or depth, heads, mlp_dim, patch_size=config.patch_size, **kw)

@@ -1,4 +1,4 @@
-"""One per-device step body, run under `jax.shard_map` (default) or `jax.pmap`.
+"""One step math, run per device under `jax.shard_map` (default) or `jax.pmap`, or globally under `jax.jit`.
 
 The body sees one device's slice of the batch. It averages gradients over the `data` axis with an explicit
 `lax.pmean`, which is only correct with `check_vma=False` under shard_map (with the default `True`,
@@ -10,6 +10,11 @@ BatchNorm (`bn_mode`):
     identical `batch_stats` everywhere (replicated).
   - `local`: per-device statistics; `batch_stats` carry a device axis and are averaged by `sync_batch_stats`
     before every eval and checkpoint (the classic recipe).
+
+The `jit` backend runs the same body on the global batch (`GLOBAL`: its reductions are plain means and sums,
+and the partitioner inserts the collectives); its models' BatchNorm has no `axis_name`, as a mean over the
+sharded global batch already is the global statistic. Its state is replicated or FSDP-sharded
+(`parallel/sharding.py`).
 
 Every step is one compiled dispatch (forward, backward, optimizer, BN update, metrics), with the old
 state's buffers donated; `train_steps` runs k steps in one dispatch (`steps_per_dispatch`) for small models
@@ -27,7 +32,9 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from errors import UserError, setting
 from parallel import mesh as mesh_lib
+from parallel import sharding as sharding_lib
 from parallel.mesh import AXIS, replicated
 from trainer.state import TrainState
 
@@ -71,8 +78,25 @@ def ema_update(ema, params, decay: float):
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
-def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool, opts: StepOptions):
-  """One device's step. `batch` holds this device's rows; all reductions go over AXIS.
+@dataclasses.dataclass(frozen=True)
+class Reductions:
+  """The only difference between the per-device body and the global one: how values combine over devices."""
+  mean: Callable
+  sum: Callable
+  min: Callable
+  index: Callable  # This device's position on the axis (folded into the step's rng).
+
+
+PER_DEVICE = Reductions(lambda x: lax.pmean(x, AXIS), lambda x: lax.psum(x, AXIS), lambda x: lax.pmin(x, AXIS),
+                        lambda: lax.axis_index(AXIS))
+# Under jit the body sees the global batch: its means and sums already are over every device.
+GLOBAL = Reductions(lambda x: x, lambda x: x, lambda x: x, lambda: 0)
+
+
+def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool, opts: StepOptions,
+                reduce: Reductions = PER_DEVICE):
+  """One device's step (`reduce=PER_DEVICE`: `batch` holds this device's rows, reductions go over AXIS), or
+  the whole step on the global batch (`GLOBAL`, the `jit` backend).
 
   With `grad_accum_steps` = k the rows are k micro-batches (`micro_batches`), run one after the other by
   `lax.scan` (BatchNorm statistics per micro-batch, running averages updated k times); their mean gradient
@@ -80,7 +104,7 @@ def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool, opts: St
   """
   batch_stats = jax.tree.map(lambda x: x[0], state.batch_stats) if local_bn else state.batch_stats
   labels = batch['label']
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(AXIS))
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), reduce.index())
 
   def grads_of(stats, micro, key):
     def loss_fn(params):
@@ -107,22 +131,23 @@ def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool, opts: St
             jnp.zeros((), jnp.int32))
     (new_stats, grad_sum, loss_sum, correct), _ = lax.scan(accumulate, init, (jnp.arange(k), micro_batches(batch, k)))
     grads = jax.tree.map(lambda g: g / k, grad_sum)
-  grads = lax.pmean(grads, AXIS)
+  grads = reduce.mean(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = ema_update(state.ema_params, params, opts.ema_decay) if opts.ema_decay else state.ema_params
   if local_bn:
     new_stats = jax.tree.map(lambda x: x[None], new_stats)
-  metrics = {'loss_sum': lax.psum(loss_sum, AXIS),
-             'correct': lax.psum(correct, AXIS),
-             'count': lax.psum(labels.shape[0], AXIS),
-             'finite': lax.pmin(jnp.isfinite(loss_sum).astype(jnp.int32), AXIS)}
+  metrics = {'loss_sum': reduce.sum(loss_sum),
+             'correct': reduce.sum(correct),
+             'count': reduce.sum(jnp.asarray(labels.shape[0], jnp.int32)),
+             'finite': reduce.min(jnp.isfinite(loss_sum).astype(jnp.int32))}
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
                             ema_params=ema_params)
   return new_state, metrics
 
 
-def _eval_body(state: TrainState, batch, *, model, use_ema: bool = False, flip: bool = False):
+def _eval_body(state: TrainState, batch, *, model, use_ema: bool = False, flip: bool = False,
+               reduce: Reductions = PER_DEVICE):
   """Sums (not means) of loss, correct predictions (top-1, and top-5 with more than 5 classes) and real
   examples; padded rows have mask 0. With `use_ema` the EMA params are evaluated; with `flip` (`eval_flip`)
   the logits are the mean of the image's and its left-right mirror's, still one prediction per example."""
@@ -133,12 +158,12 @@ def _eval_body(state: TrainState, batch, *, model, use_ema: bool = False, flip: 
     logits = (logits + apply(jnp.flip(batch['image'], axis=2))) / 2
   mask, labels = batch['mask'], batch['label']
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  sums = {'loss_sum': lax.psum(jnp.sum(losses * mask), AXIS),
-          'correct': lax.psum(jnp.sum((jnp.argmax(logits, -1) == labels) * mask), AXIS),
-          'count': lax.psum(jnp.sum(mask), AXIS)}
+  sums = {'loss_sum': reduce.sum(jnp.sum(losses * mask)),
+          'correct': reduce.sum(jnp.sum((jnp.argmax(logits, -1) == labels) * mask)),
+          'count': reduce.sum(jnp.sum(mask))}
   if logits.shape[-1] > 5:
     in_top5 = jnp.any(lax.top_k(logits, 5)[1] == labels[:, None], axis=-1)
-    sums['correct_top5'] = lax.psum(jnp.sum(in_top5 * mask), AXIS)
+    sums['correct_top5'] = reduce.sum(jnp.sum(in_top5 * mask))
   return sums
 
 
@@ -155,11 +180,12 @@ class Stepper:
     self.num_devices = mesh.devices.size
     self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     self._train = functools.partial(_train_body, model=model, tx=tx, local_bn=self.local_bn and self.stacks_bn,
-                                    opts=options)
+                                    opts=options, reduce=self.reductions)
     self._evaluate = functools.partial(_eval_body, model=eval_model, use_ema=options.ema_decay > 0,
-                                       flip=options.eval_flip)
+                                       flip=options.eval_flip, reduce=self.reductions)
 
   stacks_bn = True  # Whether local-BN stats carry an explicit device axis inside the body.
+  reductions = PER_DEVICE
 
   def _train_scan(self, state: TrainState, batches):
     """`steps_per_dispatch`: k train steps in one dispatch, one after the other (`lax.scan` over the leading
@@ -189,24 +215,16 @@ class Stepper:
     return jax.device_get(metrics)
 
 
-class ShardMapStepper(Stepper):
-  """`jax.shard_map` over the mesh: global `jax.Array` batches, one jit per step."""
+class GlobalBatches:
+  """Placement of global `jax.Array` batches sharded over `data` (shard_map and jit)."""
 
-  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global', options: StepOptions = StepOptions()):
-    super().__init__(mesh, model, eval_model, tx, bn_mode, options)
-    spec = TrainState(step=P(), params=P(), batch_stats=P(AXIS) if self.local_bn else P(), opt_state=P(),
-                      rng=P(), ema_params=P())
-    self._batch_sharding = mesh_lib.batch_sharding(mesh)
-    smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
-    self.train_step = jax.jit(smap(self._train, in_specs=(spec, P(AXIS)), out_specs=(spec, P())),
-                              donate_argnums=0)
-    self._steps_sharding = NamedSharding(mesh, P(None, AXIS))
-    self.train_steps = jax.jit(smap(self._train_scan, in_specs=(spec, P(None, AXIS)), out_specs=(spec, P())),
-                               donate_argnums=0)
-    self._eval = jax.jit(smap(self._evaluate, in_specs=(P(), P(AXIS)), out_specs=P()))
-    self._sync = jax.jit(smap(lambda bs: lax.pmean(bs, AXIS), in_specs=P(AXIS), out_specs=P(AXIS)))
-    # After a sync every device holds the same stats: each one's copy is the replicated value.
-    self._unstack = jax.jit(smap(lambda bs: jax.tree.map(lambda x: x[0], bs), in_specs=P(AXIS), out_specs=P()))
+  @functools.cached_property
+  def _batch_sharding(self):
+    return mesh_lib.batch_sharding(self.mesh)
+
+  @functools.cached_property
+  def _steps_sharding(self):
+    return NamedSharding(self.mesh, P(None, AXIS))
 
   def place(self, local_batch):
     if jax.process_count() == 1:  # One transfer call for the whole batch: ~2x cheaper than per-leaf assembly.
@@ -217,6 +235,24 @@ class ShardMapStepper(Stepper):
     if jax.process_count() == 1:
       return jax.device_put(local_batches, self._steps_sharding)
     return mesh_lib.to_global(self.mesh, local_batches, batch_axis=1)
+
+
+class ShardMapStepper(GlobalBatches, Stepper):
+  """`jax.shard_map` over the mesh: global `jax.Array` batches, one jit per step."""
+
+  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global', options: StepOptions = StepOptions()):
+    super().__init__(mesh, model, eval_model, tx, bn_mode, options)
+    spec = TrainState(step=P(), params=P(), batch_stats=P(AXIS) if self.local_bn else P(), opt_state=P(),
+                      rng=P(), ema_params=P())
+    smap = functools.partial(jax.shard_map, mesh=mesh, check_vma=False)
+    self.train_step = jax.jit(smap(self._train, in_specs=(spec, P(AXIS)), out_specs=(spec, P())),
+                              donate_argnums=0)
+    self.train_steps = jax.jit(smap(self._train_scan, in_specs=(spec, P(None, AXIS)), out_specs=(spec, P())),
+                               donate_argnums=0)
+    self._eval = jax.jit(smap(self._evaluate, in_specs=(P(), P(AXIS)), out_specs=P()))
+    self._sync = jax.jit(smap(lambda bs: lax.pmean(bs, AXIS), in_specs=P(AXIS), out_specs=P(AXIS)))
+    # After a sync every device holds the same stats: each one's copy is the replicated value.
+    self._unstack = jax.jit(smap(lambda bs: jax.tree.map(lambda x: x[0], bs), in_specs=P(AXIS), out_specs=P()))
 
   def to_device(self, state: TrainState) -> TrainState:
     """Canonical (replicated) state -> this backend's layout."""
@@ -277,13 +313,80 @@ class PmapStepper(Stepper):
     return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), metrics)
 
 
+class JitStepper(GlobalBatches, Stepper):
+  """`jax.jit` over global arrays: the body runs on the whole batch (`GLOBAL` reductions) and the partitioner
+  inserts the collectives. The state is replicated (`shard_params=none`) or FSDP-sharded (`fsdp`,
+  `parallel/sharding.py`); each step keeps the state's layout. Global BatchNorm only (models built with
+  `bn_axis_name=None`): a mean over the sharded global batch is the global statistic.
+
+  The canonical state stays replicated: `to_device` shards it, `to_canonical` gathers it back.
+  """
+
+  def __init__(self, mesh, model, eval_model, tx, bn_mode: str = 'global', options: StepOptions = StepOptions(),
+               shard_params: str = 'none', fsdp_min_bytes: int = sharding_lib.FSDP_MIN_BYTES):
+    if BN_MODES[bn_mode] is None:
+      raise UserError(f'{setting("bn_mode")}=local needs per-device steps: use it with '
+                      f'{setting("parallel_backend")}=shard_map or pmap, or bn_mode=global with jit')
+    super().__init__(mesh, model, eval_model, tx, bn_mode, options)
+    self.shard_params, self.fsdp_min_bytes = shard_params, fsdp_min_bytes
+    self.canonical_mesh = mesh
+    # Auto axes: the partitioner, not the array types, decides where to gather FSDP params and reduce grads.
+    self.mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names,
+                                  axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
+    self._replicated = replicated(self.mesh)
+    self._reshards = {}
+    self.train_step = jax.jit(self._global_step(self._train), donate_argnums=0)
+    self.train_steps = jax.jit(self._global_step(self._train_scan), donate_argnums=0)
+    self._eval = jax.jit(lambda state, batch: self._metrics_out(self._evaluate(state, batch)))
+
+  reductions = GLOBAL
+
+  def state_shardings(self, state):
+    """The shardings of this backend's layout of `state` (arrays or abstract arrays)."""
+    return sharding_lib.state_shardings(state, self.mesh, self.shard_params, self.fsdp_min_bytes)
+
+  def _metrics_out(self, metrics):
+    return jax.lax.with_sharding_constraint(metrics, jax.tree.map(lambda _: self._replicated, metrics))
+
+  def _global_step(self, body):
+    """The step keeps the state's layout: the shardings follow from the shapes, so they are fixed at trace time."""
+    def step(state, batch):
+      new_state, metrics = body(state, batch)
+      return jax.lax.with_sharding_constraint(new_state, self.state_shardings(new_state)), self._metrics_out(metrics)
+    return step
+
+  def _reshard(self, state, shardings):
+    """A jitted identity: moves (gathers, splits) global arrays between layouts on any process count."""
+    key = jax.tree.structure(state), tuple(jax.tree.leaves(shardings))
+    if key not in self._reshards:  # Checkpoints convert at every save: compile once.
+      self._reshards[key] = jax.jit(lambda s: s, out_shardings=shardings)
+    return self._reshards[key](state)
+
+  def to_device(self, state: TrainState) -> TrainState:
+    """Canonical (replicated) state -> replicated or FSDP-sharded, on this backend's mesh."""
+    return self._reshard(state, self.state_shardings(state))
+
+  def to_canonical(self, state: TrainState) -> TrainState:
+    canonical = replicated(self.canonical_mesh)
+    return self._reshard(state, jax.tree.map(lambda _: canonical, state))
+
+  def eval_state(self, state: TrainState) -> TrainState:
+    return state
+
+
 # parallel_backend -> Stepper class.
-BACKENDS: Dict[str, Callable[..., Stepper]] = {'shard_map': ShardMapStepper, 'pmap': PmapStepper}
+BACKENDS: Dict[str, Callable[..., Stepper]] = {'shard_map': ShardMapStepper, 'pmap': PmapStepper, 'jit': JitStepper}
+
+
+def train_bn_axis(config) -> Optional[str]:
+  """The `bn_axis_name` of the train model: BN_MODES' axis for the per-device backends, None under jit."""
+  return None if BACKENDS[config.parallel_backend].reductions is GLOBAL else BN_MODES[config.bn_mode]
 
 
 def make_stepper(config, mesh, model, eval_model, tx) -> Stepper:
-  return BACKENDS[config.parallel_backend](mesh, model, eval_model, tx, config.bn_mode,
-                                           StepOptions.from_config(config))
+  cls = BACKENDS[config.parallel_backend]
+  layout = dict(shard_params=config.shard_params, fsdp_min_bytes=config.fsdp_min_bytes) if cls is JitStepper else {}
+  return cls(mesh, model, eval_model, tx, config.bn_mode, StepOptions.from_config(config), **layout)
 
 
 def _host(x) -> np.ndarray:

@@ -76,10 +76,11 @@ def _num_params(model, px):
 
 
 @pytest.mark.parametrize('name,expected', [('resnet18', 11_689_512), ('resnet34', 21_797_672),
-                                           ('resnet50', 25_557_032), ('vit_ti', 5_717_032), ('vit_s', 22_049_896)])
+                                           ('resnet50', 25_557_032), ('vit_ti', 5_717_032), ('vit_s', 22_049_896),
+                                           ('vit_b', 86_566_120), ('vit_l', 304_324_584)])
 def test_standard_sizes(name, expected):
   """At 224 px and 1000 classes the models have the published parameter counts (torchvision's ResNets; timm's
-  ViT-Ti/16 and ViT-S/16 less the class token, as these pool by averaging)."""
+  ViT-Ti/S/B/L/16 less the class token and its position embedding, as these pool by averaging)."""
   assert _num_params(create_model(_config(model=name), num_classes=1000), 224) == expected
 
 

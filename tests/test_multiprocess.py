@@ -30,12 +30,14 @@ def test_two_processes_match_one_process(tmp_path, data_dir):
   single = str(tmp_path / 'single')
   proc = harness.run_train(single, '--num_cpu_devices=8', *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # shard_map also takes 3 steps per dispatch here (`place_steps` across processes); pmap one at a time.
-  for backend, per_dispatch in (('shard_map', 3), ('pmap', 1)):
+  # shard_map also takes 3 steps per dispatch here (`place_steps` across processes); pmap one at a time; jit
+  # with FSDP (floor 0: the state split over both processes' devices, gathered for checkpoints and checksums).
+  fsdp = ('--config.shard_params=fsdp', '--config.fsdp_min_bytes=0')
+  for backend, per_dispatch, extra in (('shard_map', 3, ()), ('pmap', 1, ()), ('jit', 3, fsdp)):
     multi = str(tmp_path / f'multi_{backend}')
     logs = [str(tmp_path / f'{backend}{i}.log') for i in (0, 1)]
     procs = _start_pair(multi, *args, f'--config.parallel_backend={backend}',
-                        f'--config.steps_per_dispatch={per_dispatch}', logs=logs)
+                        f'--config.steps_per_dispatch={per_dispatch}', *extra, logs=logs)
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], open(logs[0]).read()[-3000:] + open(logs[1]).read()[-3000:]
     assert 'processes            2' in open(logs[0]).read()

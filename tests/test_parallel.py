@@ -1,4 +1,5 @@
-"""Parallel correctness by comparison: N devices vs 1, shard_map vs pmap, local vs synced BatchNorm.
+"""Parallel correctness by comparison: N devices vs 1, shard_map vs pmap vs jit, FSDP vs replicated, local vs
+synced BatchNorm.
 
 Runs in-process on the 8 simulated CPU devices that conftest.py configures. The CNN comparisons compile the
 real default model several times (`slow`); the MLP one keeps the same check in the quick subset.
@@ -43,11 +44,11 @@ def _local_rows(mesh, batch):
 
 
 def _train(num_devices, backend='shard_map', bn_mode='global', dtype='float32', batches=None, return_raw=False,
-           model='cnn'):
+           model='cnn', **overrides):
   """K steps of `model` (the default CNN unless told), built by the trainer's own job builder; returns the
-  canonical state as flat numpy (and the losses)."""
+  canonical state as flat numpy (and the losses). `overrides`: more config fields."""
   config = _config(parallel_backend=backend, bn_mode=bn_mode, dtype=dtype, batch_size=GLOBAL_BATCH, model=model,
-                   eval_batch_size=8 * num_devices, num_train_steps=100)
+                   eval_batch_size=8 * num_devices, num_train_steps=100, **overrides)
   job = job_lib.build(config, mesh=mesh_lib.make_mesh(num_devices), data=_data())
   stepper = job.stepper
   state = stepper.to_device(job.initial_state())
@@ -138,3 +139,84 @@ def test_mlp_eight_devices_match_one_and_pmap(bn_mode):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   else:
     assert _max_diff(ref, got) > 1e-4  # Per-device statistics really are per device.
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_mlp_jit_matches_shard_map(num_devices):
+  """jit over global arrays (global BatchNorm without an axis name) is the shard_map step, on 1 and 8 devices."""
+  ref, ref_losses = _train(num_devices, model='mlp')
+  got, losses = _train(num_devices, model='mlp', backend='jit')
+  assert _max_diff(ref, got) < 1e-5
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+def test_mlp_fsdp_matches_replicated():
+  """FSDP (floor 0: every array with a divisible dimension is split) trains as the replicated state does."""
+  ref, ref_losses = _train(8, model='mlp', backend='jit')
+  stepper, raw = _train(8, model='mlp', backend='jit', shard_params='fsdp', fsdp_min_bytes=0, return_raw=True)
+  kernel = raw.params['Dense_0']['kernel']  # [784, 64]: split on its 784 rows, 98 per device.
+  assert kernel.sharding.shard_shape(kernel.shape) == (98, 64)
+  assert raw.opt_state[0].trace['Dense_0']['kernel'].sharding.shard_shape(kernel.shape) == (98, 64)
+  got, losses = _train(8, model='mlp', backend='jit', shard_params='fsdp', fsdp_min_bytes=0)
+  assert _max_diff(ref, got) < 1e-5
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+def _recipe(backend, num_devices, **overrides):
+  """grad accumulation + EMA, k steps per dispatch, then an eval with eval_flip: params, EMA, losses, eval sums."""
+  config = _config(parallel_backend=backend, batch_size=GLOBAL_BATCH, model='mlp', eval_batch_size=8 * num_devices,
+                   num_train_steps=100, grad_accum_steps=2, ema_decay=0.8, eval_flip=True, **overrides)
+  job = job_lib.build(config, mesh=mesh_lib.make_mesh(num_devices), data=_data())
+  stepper = job.stepper
+  state = stepper.to_device(job.initial_state())
+  batches = _batches()
+  state, _ = stepper.train_step(state, stepper.place(_local_rows(job.mesh, batches[0])))
+  stacked = {k: np.stack([b[k] for b in batches[1:]]) for k in batches[0]}
+  state, metrics = stepper.train_steps(state, stepper.place_steps(stacked))
+  losses = stepper.metrics(metrics)['loss_sum']
+  eval_batch = dict(_batches(k=1, batch=8 * num_devices, seed=1)[0], mask=np.ones(8 * num_devices, np.float32))
+  sums = stepper.eval_step(stepper.eval_state(state), stepper.place(eval_batch))
+  state = stepper.to_canonical(state)
+  flat = {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path((state.params, state.ema_params, state.batch_stats))}
+  return flat, losses, sums
+
+
+def test_jit_recipe_matches_shard_map():
+  """Micro-batches, EMA, train_steps (lax.scan) and eval_flip under jit (and FSDP) = shard_map, 8 devices."""
+  ref, ref_losses, ref_sums = _recipe('shard_map', 8)
+  for overrides in ({}, dict(shard_params='fsdp', fsdp_min_bytes=0)):
+    got, losses, sums = _recipe('jit', 8, **overrides)
+    assert _max_diff(ref, got) < 1e-5
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert set(sums) == set(ref_sums)
+    for k in sums:
+      np.testing.assert_allclose(sums[k], ref_sums[k], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_jit_cnn_eight_devices_match_one(one_device):
+  """The default CNN (its CPU conv/BN kernels, no axis name) under jit, replicated and FSDP, vs shard_map."""
+  ref, ref_losses = one_device
+  for overrides in ({}, dict(shard_params='fsdp')):
+    got, losses = _train(8, backend='jit', **overrides)
+    assert _max_diff(ref, got) < 1e-5
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+@pytest.mark.parametrize('model', ['vit_s', 'resnet50'])
+def test_fsdp_state_bytes_per_device(model):
+  """From abstract shapes only (nothing initialised): FSDP keeps at most 1/6 of the replicated state per device."""
+  from models import create_model
+  from parallel import sharding
+  from trainer import optim, state as state_lib
+  config = _config(model=model, ema_decay=0.999)
+  mesh = mesh_lib.make_mesh(8)
+  net = create_model(config, num_classes=1000)
+  tx = optim.make_optimizer(config, 100)
+  abstract = jax.eval_shape(lambda: state_lib.initial_state(mesh, net, tx, (224, 224, 3), 0, ema=True))
+  replicated = sharding.bytes_per_device(abstract, sharding.state_shardings(abstract, mesh, 'none'))
+  fsdp = sharding.bytes_per_device(abstract, sharding.state_shardings(abstract, mesh, 'fsdp'))
+  params = sum(x.size * 4 for x in jax.tree.leaves(abstract.params))
+  assert replicated >= 3 * params  # params, EMA, momentum
+  assert fsdp <= replicated / 6, (fsdp, replicated)

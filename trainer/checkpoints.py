@@ -59,11 +59,22 @@ def data_summary(identity: dict) -> dict:
           'digest': identity.get('digest')}
 
 
+def _full_value(leaf) -> np.ndarray:
+  """A leaf's whole value on this host: a sharded array (FSDP; in a multi-process run each process may hold
+  only part of it) is gathered first, so any layout of the same values has the same checksum."""
+  if not isinstance(leaf, jax.Array):
+    return np.asarray(leaf)
+  if leaf.is_fully_replicated:
+    return np.asarray(leaf.addressable_data(0))
+  return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+
+
 def checksum(state) -> str:
-  """SHA-256 over every leaf's path, dtype, shape and bytes, read on this host (the state is replicated)."""
+  """SHA-256 over every leaf's path, dtype, shape and bytes of its full value (any sharding; every process
+  calls it)."""
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    value = np.asarray(leaf.addressable_data(0)) if isinstance(leaf, jax.Array) else np.asarray(leaf)
+    value = _full_value(leaf)
     h.update(f'{jax.tree_util.keystr(path)}:{value.dtype}:{value.shape};'.encode())
     h.update(np.ascontiguousarray(value).tobytes())
   return h.hexdigest()

@@ -7,6 +7,7 @@ from input_pipeline.augment import AUGMENTATIONS
 from input_pipeline.sources import SOURCES
 from models import BN_IMPLS, CONV_IMPLS, DTYPES, MODELS, resnet
 from parallel.host_malloc import HUGE_PAGES
+from parallel.sharding import SHARD_PARAMS
 from parallel.steps import BACKENDS, BN_MODES
 from trainer.optim import OPTIMIZERS, SCHEDULES
 
@@ -15,12 +16,12 @@ _CHOICES = {
     'data_source': SOURCES, 'augment': AUGMENTATIONS, 'model': MODELS, 'optimizer': OPTIMIZERS,
     'lr_schedule': SCHEDULES,
     'parallel_backend': BACKENDS, 'bn_mode': BN_MODES, 'dtype': DTYPES, 'stem': resnet.STEMS,
-    'conv_impl': CONV_IMPLS, 'bn_impl': BN_IMPLS, 'huge_pages': HUGE_PAGES,
+    'conv_impl': CONV_IMPLS, 'bn_impl': BN_IMPLS, 'huge_pages': HUGE_PAGES, 'shard_params': SHARD_PARAMS,
 }
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'checkpoint_every_steps',
                   'keep_checkpoints', 'max_steps_in_flight', 'prefetch_batches', 'steps_per_dispatch', 'resnet_width',
                   'patch_size', 'grad_accum_steps')
-_NON_NEGATIVE_INTS = ('vit_depth', 'profile_steps')
+_NON_NEGATIVE_INTS = ('vit_depth', 'profile_steps', 'fsdp_min_bytes')
 
 
 def _fail(key, value, rule):
@@ -44,6 +45,7 @@ def validate(config) -> None:
   for key in ('num_train_steps', 'eval_every_steps'):
     if not isinstance(config[key], int) or (config[key] < 1 and config[key] != -1):
       _fail(key, config[key], 'must be >= 1, or -1 for the default')
+  _check_jit(config)
   lr = config.learning_rate
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
     _fail('learning_rate', lr, 'must be a finite number > 0')
@@ -85,3 +87,13 @@ def validate(config) -> None:
         _fail(key, values, 'must be a tuple of finite numbers, e.g. (0.5,) or (0.485, 0.456, 0.406)')
     if min(config.std) <= 0:
       _fail('std', config.std, 'every value must be > 0')
+
+
+def _check_jit(config) -> None:
+  """Per-device BatchNorm needs a per-device body; FSDP needs the partitioner (the jit backend)."""
+  if config.parallel_backend == 'jit' and config.bn_mode == 'local':
+    _fail('bn_mode', 'local', f'needs per-device steps: use {setting("parallel_backend")}=shard_map or pmap, or '
+          'bn_mode=global with jit (statistics of the whole global batch)')
+  if config.shard_params != 'none' and config.parallel_backend != 'jit':
+    _fail('shard_params', config.shard_params, f'needs {setting("parallel_backend")}=jit (shard_map and pmap keep '
+          'the state replicated): add --config.parallel_backend=jit, or use shard_params=none')

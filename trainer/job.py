@@ -50,7 +50,7 @@ class Job:
       return self.stepper
     c = self.config.copy_and_resolve_references()
     c.conv_impl, c.bn_impl = 'xla', 'flax'
-    model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=steps.BN_MODES[c.bn_mode])
+    model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=steps.train_bn_axis(c))
     eval_model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=None)
     return steps.make_stepper(c, self.mesh, model, eval_model, self.tx)
 
@@ -125,7 +125,7 @@ def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
                     'training examples: use a smaller batch')
   total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  model = create_model(config, num_classes=data.num_classes, bn_axis_name=steps.BN_MODES[config.bn_mode])
+  model = create_model(config, num_classes=data.num_classes, bn_axis_name=steps.train_bn_axis(config))
   eval_model = create_model(config, num_classes=data.num_classes, bn_axis_name=None)
   tx = optim.make_optimizer(config, total_steps)
   stepper = steps.make_stepper(config, mesh, model, eval_model, tx)

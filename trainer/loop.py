@@ -9,7 +9,7 @@ from absl import logging
 
 import paths
 from errors import UserError, setting
-from parallel import topology
+from parallel import sharding, topology
 from trainer import checkpoints, hooks, job as job_lib, optim, plots, reporting, utilization, workdir as workdir_lib
 from trainer import preemption as preemption_lib
 from trainer.profiling import Profiler
@@ -199,6 +199,8 @@ class Trainer:
                  data.description, data.num_examples('train'), data.num_examples('eval'), data.num_classes,
                  job.prep.describe(), job.steps_per_epoch, job.total_steps,
                  f'resuming at step {self.start_step}' if self.resumed else 'starting from scratch')
+    logging.info('Train state: %.1f MiB per device (shard_params=%s)',
+                 sharding.bytes_per_device(self.state) / 2**20, self.config.shard_params)
 
   def run(self) -> dict:
     job, total = self.job, self.job.total_steps

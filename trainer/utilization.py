@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from parallel import mesh as mesh_lib
+from parallel import sharding
 
 # device_kind prefix -> {dtype: dense FLOP/s of one JAX device}. TPU v2/v3 devices are cores (half a chip);
 # v4 and later are chips. GPU float32 is the TF32 tensor-core rate (XLA's default matmul precision on Ampere
@@ -101,6 +102,7 @@ class Utilization:
     self.job = job
     self._flops = self._peak = None
     self._ready = False
+    self._state_bytes_logged = False
 
   def window(self, images_per_sec: float, state) -> dict:
     n = self.job.mesh.devices.size
@@ -109,6 +111,9 @@ class Utilization:
       self._flops = train_step_flops(self.job, state)
       self._peak = device_peak(self.job.mesh, self.job.config.dtype)
     out = {'images_per_sec_per_device': round(images_per_sec / n, 1)}
+    if not self._state_bytes_logged:  # The first train event: what one device holds of the state.
+      self._state_bytes_logged = True
+      out['state_bytes_per_device'] = sharding.bytes_per_device(state)
     if self._flops and self._peak:
       steps_per_sec = images_per_sec / self.job.config.batch_size
       out['flops_per_step'] = self._flops * n
