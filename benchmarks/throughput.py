@@ -19,7 +19,7 @@ It prints the CPU model, the table (columns: see --help, the same names as the R
 load average at the start and end of every process: on a machine shared with other jobs every column except
 `compile s` and flops moves with the load, so compare rows of one run. `--json=FILE` writes every row, the
 per-window figures and the machine (CPU model, cores, JAX, XLA flags, load averages per process) to FILE.
-The ratio targets (issue 13: the default job vs the seed's loop and vs PyTorch) are measured with
+The ratios of the default job to the seed's loop and to PyTorch (docs/performance.md) are measured with
 `--devices=2 --batches=128 --rounds=5 --torch=/tmp/torchvenv/bin/python`: every round runs the seed's loop,
 PyTorch and the trainer's row one after the other (alternating the order), and the ratios print per round,
 since a neighbour's load on a shared VM moves single rounds by 10-20%.

@@ -19,8 +19,7 @@ during the run its 10 evals add ~1 min), **93.83%** with a single view. Single-v
 2/4/.../20: 81.9 / 86.4 / 87.0 / 90.9 / 91.2 / 92.0 / 92.8 / 93.1 / 93.7 / 93.8%. The 94.0% target is met only
 with the flip-averaged eval, and by 0.02 points: a rerun may land on either side of it. Speed:
 `bn_mode='local'` (+14% over global statistics here: no all-reduce per BatchNorm layer) and huge pages for the
-step's large buffers (+15-18%) took the step from ~330 to ~430 img/s; that bought 20 epochs instead of 14
-(93.40% single view in 48 min 45 s, the previous measurement).
+step's large buffers (+15-18%) take the step from ~330 to ~430 img/s, which is what fits 20 epochs in the hour.
 """
 
 from configs import default
