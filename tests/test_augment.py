@@ -151,7 +151,7 @@ def test_imagenet_eval_is_a_centre_crop():
 
 def test_normalisation():
   images = np.full((N, 4, 4, 3), 255, np.uint8)
-  src = sources.InMemoryDataset(images, np.zeros(N, np.int32), images, np.zeros(N, np.int32), 2, 't')
+  src = sources.InMemoryDataset(images, np.arange(N, dtype=np.int32) % 2, images, np.zeros(N, np.int32), 2, 't')
   prep = _prep(src, 'none', size=0, normalize=True, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
   out = _stream(src, prep, num_steps=1)[0]['image']
   np.testing.assert_allclose(out[0, 0, 0], [1.0, 3.0, 0.5], rtol=1e-6)

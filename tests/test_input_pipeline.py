@@ -244,7 +244,7 @@ def _test_data(size, seed=1):
   labels = rng.integers(0, 10, size).astype(np.int32)
   # The train split only gives the image shape; evaluation must not read it.
   return sources.InMemoryDataset(train_images=np.zeros((8,) + EVAL_SHAPE, np.uint8),
-                                 train_labels=np.zeros(8, np.int32), test_images=images, test_labels=labels,
+                                 train_labels=np.arange(8, dtype=np.int32), test_images=images, test_labels=labels,
                                  num_classes=10, source='test')
 
 
