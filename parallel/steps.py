@@ -36,7 +36,7 @@ from errors import UserError, setting
 from parallel import mesh as mesh_lib
 from parallel import sharding as sharding_lib
 from parallel.mesh import AXIS, replicated
-from trainer.state import TrainState
+from parallel.state import TrainState
 
 # bn_mode -> the axis the train model's BatchNorm reduces over (None: per device, synced before eval/save).
 BN_MODES: Dict[str, Optional[str]] = {'global': AXIS, 'local': None}

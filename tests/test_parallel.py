@@ -209,7 +209,8 @@ def test_fsdp_state_bytes_per_device(model):
   """From abstract shapes only (nothing initialised): FSDP keeps at most 1/6 of the replicated state per device."""
   from models import create_model
   from parallel import sharding
-  from trainer import optim, state as state_lib
+  from parallel import state as state_lib
+  from trainer import optim
   config = _config(model=model, ema_decay=0.999)
   mesh = mesh_lib.make_mesh(8)
   net = create_model(config, num_classes=1000)

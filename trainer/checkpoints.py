@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from errors import UserError, first_line, setting
 from trainer import workdir as workdir_lib
-from trainer.state import checkpoint_tree, from_checkpoint_tree
+from parallel.state import checkpoint_tree, from_checkpoint_tree
 
 CHECKSUM_KEY = 'state_sha256'
 

@@ -18,7 +18,7 @@ from models import create_model
 from parallel import mesh as mesh_lib
 from parallel import steps
 from trainer import optim
-from trainer import state as state_lib
+from parallel import state as state_lib
 
 
 @dataclasses.dataclass
