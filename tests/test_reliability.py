@@ -372,7 +372,7 @@ def test_closed_terminal_saves_and_exits_zero(tmp_path, data_dir):
 
 
 def test_tilde_in_workdir_and_data_dir_expands_and_the_log_says_where(tmp_path, data_dir, monkeypatch):
-  """`--workdir='~/runs/x'` (quoted: the shell leaves the `~`) used to train into a literal ./~/runs/x."""
+  """`--workdir='~/runs/x'` (quoted: the shell leaves the `~`) trains into ~/runs/x, not a literal ./~/runs/x."""
   monkeypatch.setenv('HOME', str(tmp_path / 'home'))
   shutil.copytree(data_dir, str(tmp_path / 'home' / 'data'))
   out = _ok(harness.run_train('~/runs/x', DEVICES, '--config.data_dir=~/data', '--config.num_train_steps=4'))
