@@ -14,11 +14,16 @@ V = 8
 COUNTS = (1, 2, 4, 8)
 
 
-def _run(fn, n, *args):
-  """fn(*per-device slices [V/n, ...]) under shard_map on the first n devices; replicated outputs to host."""
+def _run(fn, n, *args, replicated=()):
+  """fn(*per-device slices [V/n, ...], *replicated) under shard_map on the first n devices; replicated outputs to
+  host. Pass weights through `replicated`, as the trainer does, not as closed-over constants: XLA folds constants
+  (a zero bias) away in the unpartitioned program and keeps them in a partitioned one, and the two fusions round
+  differently (seen with JAX 0.12 on the CPU)."""
   mesh = mesh_lib.make_mesh(n)
   placed = jax.device_put(args, mesh_lib.batch_sharding(mesh))
-  out = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=P(mesh_lib.AXIS), out_specs=P(), check_vma=False))(*placed)
+  placed += jax.device_put(tuple(replicated), mesh_lib.replicated(mesh))
+  specs = (P(mesh_lib.AXIS),) * len(args) + (P(),) * len(replicated)
+  out = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False))(*placed)
   return jax.tree.map(np.asarray, out)
 
 
@@ -93,9 +98,9 @@ def test_scan_slices_gradients_same_bits():
   xs, ys = _data((V, 16, 12)), _data((V, 16, 3), seed=2)
   params = {'w': _data((12, 3), seed=3) / 10, 'b': jnp.zeros(3)}
 
-  def per_device(xs, ys):
+  def per_device(xs, ys, params):
     def slice_grad(x, y):
       return jax.value_and_grad(lambda p: jnp.sum((jnp.tanh(x @ p['w'] + p['b']) - y) ** 2))(params)
     return deterministic.fixed_sum(deterministic.scan_slices(slice_grad, xs, ys))
 
-  _assert_same_bits([_run(per_device, n, xs, ys) for n in COUNTS])
+  _assert_same_bits([_run(per_device, n, xs, ys, replicated=(params,)) for n in COUNTS])
