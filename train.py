@@ -103,19 +103,29 @@ def run():
       traceback.print_exc()
     agreement.stopped(f'error: {e}')  # Its peers stop now with this line, not after --distributed_timeout.
     print(f'error: {e}', file=sys.stderr)
-    _exit(2)
+    _exit(2, now=isinstance(e, agreement.PeerLost))
   except preemption.Stopped as e:
     agreement.stopped(preemption.stopped_line(e))
     preemption.say(preemption.stopped_line(e))
     _exit(0)
-  except Exception as e:  # A bug: its traceback stays; the peers still learn at once that this process stopped.
-    agreement.stopped(f'{e.__class__.__name__}: {first_line(e)}')
-    raise
+  except Exception as e:
+    if not agreement.peer_error(e):  # A bug: its traceback stays; the peers still learn at once that it stopped.
+      agreement.stopped(f'{e.__class__.__name__}: {first_line(e)}')
+      raise
+    if cli.verbose(FLAGS, sys.argv):  # A peer lost outside the train loop (joining the workdir, restoring).
+      traceback.print_exc()
+    print(f'error: {agreement.lost_contact("the run", e)}', file=sys.stderr)
+    _exit(2, now=True)
 
 
-def _exit(code: int) -> None:
+def _exit(code: int, now: bool = False) -> None:
   """Exits with `code`; if a library thread (e.g. Orbax's, after a failed save) would block the interpreter's
-  shutdown forever, leaves without waiting for it."""
+  shutdown forever, leaves without waiting for it. `now`: at once, without the exit handlers (a lost peer:
+  JAX's shutdown barrier would wait for it, then abort from C++)."""
+  if now:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
   stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
   deadline = time.monotonic() + 2
   for t in stuck:

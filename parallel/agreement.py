@@ -202,10 +202,15 @@ def peer_error(error: BaseException) -> bool:
   return any(m.lower() in text.lower() for m in markers)
 
 
-def lost_contact(during: str, error: BaseException) -> UserError:
+class PeerLost(UserError):
+  """Another process of the job died, stopped or hung mid-run. The process should exit without JAX's shutdown
+  barrier: that barrier waits for the lost peer and then aborts from C++ (a stack dump after the one line)."""
+
+
+def lost_contact(during: str, error: BaseException) -> PeerLost:
   """The one line for a peer lost mid-run: where it happened, the library's words, and what to do."""
   detail = first_line(error, 10_000)
   detail = detail if len(detail) <= 160 else detail[:157] + '...'
-  return UserError(f'lost contact with another process during {during} ({error.__class__.__name__}: {detail}): '
+  return PeerLost(f'lost contact with another process during {during} ({error.__class__.__name__}: {detail}): '
                    'check the other processes\' logs for why they stopped, then rerun the same command on every '
                    'process (it resumes from the last complete checkpoint)')
