@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Callable, Optional
 
+from absl import logging
+
 from errors import UserError, first_line, setting
 
 # Config fields that may differ per host: where this host's copy of the data sits, how many host threads read
@@ -174,6 +176,10 @@ def agree(stage: str, record: dict, difference: Callable[[dict, dict, int], str]
   _decided.add(stage)
   if verdict:
     raise UserError(verdict)
+  if me == 0 and stage == 'config':
+    logging.info('All %d processes run the same config (per host: %s).', n, ', '.join(PER_HOST))
+  elif me == 0:
+    logging.info('All %d processes read the same data (digest %s).', n, str(record.get('digest'))[:12])
 
 
 def stopped(line: str) -> None:

@@ -1,8 +1,14 @@
 """What the processes of one job compare, and the lines a mismatch or a lost peer gives (no processes)."""
 
+import json
+import threading
+import time
+import types
+
 import pytest
 
 from configs import tiny
+from errors import UserError
 from parallel import agreement
 from tests.conftest import make_fake_mnist
 from trainer import checkpoints
@@ -70,3 +76,71 @@ def test_a_lost_peer_during_a_save_is_not_called_a_disk_problem(monkeypatch, tmp
     assert 'free disk space' in line and 'lost contact' not in line, line
   monkeypatch.setattr(agreement, '_state', lambda: None)  # One process: there is no peer to lose.
   assert 'free disk space' in str(ckpts._failed(8, error))
+
+
+class _FakeStore:
+  """The coordination service's key-value store as `agreement` uses it, in memory."""
+
+  def __init__(self, **items):
+    self.items = dict(items)
+
+  def key_value_set(self, key, value, allow_overwrite=False):
+    if key in self.items and not allow_overwrite:
+      raise RuntimeError(f'ALREADY_EXISTS: {key}')
+    self.items[key] = value
+
+  def key_value_try_get(self, key):
+    if key not in self.items:
+      raise RuntimeError(f'NOT_FOUND: {key}')
+    return self.items[key]
+
+  def blocking_key_value_get(self, key, timeout_in_ms):
+    time.sleep(min(timeout_in_ms, 50) / 1000)
+    if key not in self.items:
+      raise RuntimeError(f'DEADLINE_EXCEEDED: GetKeyValue() timed out with key: {key}')
+    return self.items[key]
+
+
+def _as_process(monkeypatch, me, store, n=2):
+  monkeypatch.setattr(agreement, '_state', lambda: types.SimpleNamespace(client=store, process_id=me, num_processes=n))
+  monkeypatch.setattr(agreement, '_decided', set())
+
+
+def _agree_config(record, timeout_s=5):
+  agreement.agree('config', record, agreement.config_difference, timeout_s)
+
+
+def test_process_0_decides_and_every_process_reads_the_same_verdict(monkeypatch):
+  ref, other = _record(), _record(learning_rate=0.2)
+  store = _FakeStore(**{'dptrain/agree/config/1': json.dumps(other), 'dptrain/agree/config/2': json.dumps(ref)})
+  _as_process(monkeypatch, 0, store, n=3)
+  with pytest.raises(UserError, match='process 1 has --config.learning_rate=0.2, process 0 has 0.05'):
+    _agree_config(ref)
+  verdict = store.items.pop('dptrain/agree/config/verdict')
+  threading.Timer(0.3, store.key_value_set, ('dptrain/agree/config/verdict', verdict)).start()
+  _as_process(monkeypatch, 2, store, n=3)  # Process 2 agrees with process 0, and waits for the job's verdict.
+  with pytest.raises(UserError) as e:
+    _agree_config(ref)
+  assert str(e.value) == verdict
+  ok = _FakeStore(**{'dptrain/agree/config/1': json.dumps(ref)})
+  _as_process(monkeypatch, 0, ok)
+  _agree_config(ref)
+  assert ok.items['dptrain/agree/config/verdict'] == ''
+
+
+def test_a_silent_peer_ends_the_wait_with_one_line_and_a_stopped_one_at_once(monkeypatch):
+  store = _FakeStore()
+  _as_process(monkeypatch, 0, store)
+  t0 = time.monotonic()
+  with pytest.raises(UserError, match=r'process 1 did not report its config within 1s .*--distributed_timeout'):
+    _agree_config(_record(), timeout_s=1)
+  assert 1 <= time.monotonic() - t0 < 3
+  store = _FakeStore()
+  _as_process(monkeypatch, 1, store)
+  agreement.stopped('error: --config.data_dir=/x does not exist')  # Decides both stages for everyone.
+  assert store.items['dptrain/agree/data/verdict'].startswith('process 1 stopped before training (error: ')
+  _as_process(monkeypatch, 0, store)
+  t0 = time.monotonic()
+  with pytest.raises(UserError, match=r'process 1 stopped before training \(error: --config.data_dir=/x'):
+    _agree_config(_record(), timeout_s=60)
+  assert time.monotonic() - t0 < 2
