@@ -31,6 +31,11 @@ _MISSING = '<absent>'
 _decided = set()  # Stages this process has a verdict for (`stopped` leaves them alone).
 
 
+class PeerLost(UserError):
+  """Another process of the job died, stopped or hung mid-run. The process should exit without JAX's shutdown
+  barrier: that barrier waits for the lost peer and then aborts from C++ (a stack dump after the one line)."""
+
+
 # --- what is compared (pure functions: the unit tests call them directly) -----------------------------------
 def config_record(config) -> dict:
   """The resolved config as JSON values, without the `PER_HOST` fields."""
@@ -118,8 +123,8 @@ def _wait(client, key: str, stage: str, deadline: float):
       return 'value', client.blocking_key_value_get(key, max(min(left_ms, _POLL_MS), 1))
     except Exception as e:
       if 'DEADLINE_EXCEEDED' not in str(e) and 'timed out' not in str(e).lower():
-        raise UserError(f'lost contact with the job\'s coordination service while the processes compared their '
-                        f'{stage} ({first_line(e)}): check the other processes\' logs, then restart every process') \
+        raise PeerLost(f'lost contact with the job\'s coordination service while the processes compared their '
+                       f'{stage} ({first_line(e)}): check the other processes\' logs, then restart every process') \
             from None
 
 
@@ -206,11 +211,6 @@ def peer_error(error: BaseException) -> bool:
              'heartbeat', 'AllGather', 'AllReduce', 'ReduceScatter', 'AllToAll', 'CollectivePermute', 'rendezvous',
              'Barrier timed out', 'barrier')
   return any(m.lower() in text.lower() for m in markers)
-
-
-class PeerLost(UserError):
-  """Another process of the job died, stopped or hung mid-run. The process should exit without JAX's shutdown
-  barrier: that barrier waits for the lost peer and then aborts from C++ (a stack dump after the one line)."""
 
 
 def lost_contact(during: str, error: BaseException) -> PeerLost:
