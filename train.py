@@ -28,8 +28,8 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import paths  # noqa: E402
-from errors import UserError  # noqa: E402
-from parallel import host_malloc, topology  # noqa: E402
+from errors import UserError, first_line  # noqa: E402
+from parallel import agreement, host_malloc, topology  # noqa: E402
 from trainer import cli, reporting, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -41,7 +41,8 @@ flags.DEFINE_integer('num_cpu_devices', -1, 'Simulated CPU devices. -1: auto (on
 flags.DEFINE_string('coordinator_address', None, 'HOST:PORT of process 0 for a multi-process job.')
 flags.DEFINE_integer('num_processes', None, 'Number of processes in the job (with --coordinator_address).')
 flags.DEFINE_integer('process_id', None, 'This process\'s index, 0..num_processes-1.')
-flags.DEFINE_integer('distributed_timeout', 120, 'Seconds to wait for all processes to join the job.')
+flags.DEFINE_integer('distributed_timeout', 120, 'Seconds to wait for all processes to join the job, and for '
+                     'each to report its config and data before the first step.')
 flags.DEFINE_integer('heartbeat_timeout', 30, 'Seconds of silence after which a process counts as dead and '
                      'the others stop with an error.')
 flags.DEFINE_string('coordinator_bind_address', None, 'Where process 0\'s coordinator listens (default: '
@@ -79,7 +80,7 @@ def main(argv):
                                   FLAGS.distributed_timeout, FLAGS.heartbeat_timeout, FLAGS.coordinator_bind_address)
   topology.check_devices(FLAGS.platform, num_cpu)
   from trainer import loop  # After the topology: importing JAX-heavy modules must not start the backend early.
-  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  loop.train_and_evaluate(FLAGS.config, FLAGS.workdir, agree_timeout_s=FLAGS.distributed_timeout)
 
 
 def _cpu_only() -> bool:
@@ -100,16 +101,31 @@ def run():
   except UserError as e:
     if cli.verbose(FLAGS, sys.argv):
       traceback.print_exc()
+    agreement.stopped(f'error: {e}')  # Its peers stop now with this line, not after --distributed_timeout.
     print(f'error: {e}', file=sys.stderr)
-    _exit(2)
+    _exit(2, now=isinstance(e, agreement.PeerLost))
   except preemption.Stopped as e:
+    agreement.stopped(preemption.stopped_line(e))
     preemption.say(preemption.stopped_line(e))
     _exit(0)
+  except Exception as e:
+    if not agreement.peer_error(e):  # A bug: its traceback stays; the peers still learn at once that it stopped.
+      agreement.stopped(f'{e.__class__.__name__}: {first_line(e)}')
+      raise
+    if cli.verbose(FLAGS, sys.argv):  # A peer lost outside the train loop (joining the workdir, restoring).
+      traceback.print_exc()
+    print(f'error: {agreement.lost_contact("the run", e)}', file=sys.stderr)
+    _exit(2, now=True)
 
 
-def _exit(code: int) -> None:
+def _exit(code: int, now: bool = False) -> None:
   """Exits with `code`; if a library thread (e.g. Orbax's, after a failed save) would block the interpreter's
-  shutdown forever, leaves without waiting for it."""
+  shutdown forever, leaves without waiting for it. `now`: at once, without the exit handlers (a lost peer:
+  JAX's shutdown barrier would wait for it, then abort from C++)."""
+  if now:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
   stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
   deadline = time.monotonic() + 2
   for t in stuck:

@@ -16,6 +16,7 @@ and nothing is read whole: the pipeline asks each source only for this process's
 
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Callable, Optional, Tuple
 
@@ -58,9 +59,12 @@ class Source:
 
   def identity(self) -> dict:
     """What makes two copies of the data the same data (hosts compare it; checkpoints record it): example
-    counts per split, class names and the content digest. JSON-serializable; no path in it."""
-    return {'examples': {s: int(self.num_examples(s)) for s in SPLITS}, 'classes': list(self.class_names()),
-            'digest': self.content_digest()}
+    counts per split, class names and the content digest. JSON-serializable; no path in it. Computed once per
+    source (a folder's digest stats every file; the hosts' check and the checkpoint fingerprint both ask)."""
+    if getattr(self, '_identity', None) is None:
+      self._identity = {'examples': {s: int(self.num_examples(s)) for s in SPLITS},
+                        'classes': list(self.class_names()), 'digest': self.content_digest()}
+    return json.loads(json.dumps(self._identity))  # A copy: callers may edit theirs.
 
 
 def check_classes(source: Source) -> None:

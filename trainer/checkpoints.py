@@ -25,6 +25,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from errors import UserError, first_line, setting
+from parallel import agreement
 from trainer import workdir as workdir_lib
 from parallel.state import checkpoint_tree, from_checkpoint_tree
 
@@ -157,7 +158,10 @@ class Checkpoints:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
-  def _failed(self, step, error: BaseException) -> SaveFailed:
+  def _failed(self, step, error: BaseException) -> UserError:
+    if agreement.peer_error(error):  # A peer died or stopped mid-save: no disk advice (it is not the disk).
+      what = f'saving checkpoint {step}' if step is not None else 'a checkpoint save'
+      return agreement.lost_contact(f'{what} to {self.directory}', error)
     detail = first_line(error, 10_000)  # The OS error (disk full, read-only) comes last in Orbax's messages.
     detail = detail if len(detail) <= 160 else '...' + detail[-160:]
     return SaveFailed(f'saving checkpoint {step} to {self.directory} failed ({error.__class__.__name__}: '

@@ -9,7 +9,8 @@ from absl import logging
 
 import paths
 from errors import UserError, setting
-from parallel import sharding, topology
+from input_pipeline import sources
+from parallel import agreement, sharding, topology
 from trainer import checkpoints, hooks, job as job_lib, optim, plots, reporting, utilization, workdir as workdir_lib
 from trainer import preemption as preemption_lib
 from trainer.profiling import Profiler
@@ -140,6 +141,7 @@ class Trainer:
     self.speed = reporting.Throughput(self.start_step, job.total_steps, self.config.batch_size)
     self.final: Optional[dict] = None
     self.feed = None
+    self.phase: Optional[str] = None  # What runs besides train steps (an eval, a save), for a lost-peer line.
     c = self.config
     self.utilization = utilization.Utilization(job)
     self.profiler = Profiler(workdir, c.profile_steps, self.start_step, job.total_steps)
@@ -168,15 +170,19 @@ class Trainer:
   def eval(self, step: int) -> None:
     self.window.drain()
     self.state = self.job.stepper.sync_batch_stats(self.state)
+    self.phase = f'the evaluation at step {step}'
     self.final = {'kind': 'eval', 'step': step, 'epoch': self._epoch(step), **evaluate(self.job, self.state)}
+    self.phase = None
     self.reporter.write(self.final)
     reporting.log(reporting.eval_line(self.final), self.is_main)
 
   def save(self, step: int) -> None:
     self.window.drain()  # Never checkpoint a state whose loss was not finite.
     self.state = self.job.stepper.sync_batch_stats(self.state)
+    self.phase = f'saving checkpoint {step}'
     try:
       self.ckpts.save(self.job.stepper.to_canonical(self.state))
+      self.phase = None
     except checkpoints.NotFinite:
       raise diverged(f'the parameters or optimizer state became NaN or Inf at step {step} (its loss was still '
                      'finite), so it was not saved', self.last_checkpoint()) from None
@@ -234,8 +240,10 @@ class Trainer:
           self.save(step)
           self._close(preemption)
           return self._preempted(step)
-    except BaseException:
+    except BaseException as e:
       self._close(preemption, failing=True)
+      if not isinstance(e, UserError) and agreement.peer_error(e):  # Not a traceback, not this host's fault.
+        raise agreement.lost_contact(self.phase or f'training step {step + 1}', e) from None
       raise
     self._close(preemption)
     if self.is_main and self.config.plot and self.final is not None:
@@ -280,11 +288,15 @@ class Trainer:
     return {'preempted_at': step}
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str, agree_timeout_s: int = 120) -> dict:
   """Trains `config` (validated by `trainer.config_check`, as train.py does) in `workdir`, resuming from its
-  latest checkpoint; returns the final eval metrics."""
+  latest checkpoint; returns the final eval metrics. The processes of a multi-process job first agree on the
+  config, then on the data (each waits up to `agree_timeout_s` for its peers): before any compile or file."""
   reporting.quiet_library_logs()
-  job = job_lib.build(config)
+  agreement.agree('config', agreement.config_record(config), agreement.config_difference, agree_timeout_s)
+  data = sources.load(config)
+  agreement.agree('data', agreement.data_record(data), agreement.data_difference, agree_timeout_s)
+  job = job_lib.build(config, data=data)
   if job.data.num_examples('eval') == 0:  # Here, not after all the training, at the first eval.
     raise UserError(f'the test split of {job.data.description} is empty: evaluation needs test examples; point '
                     f'{setting("data_dir")} at a complete dataset')
