@@ -5,7 +5,7 @@ float32 [S, S, C] in [0, 1] (or mean/std normalised). Every random choice comes 
 (seed, step, global example index), never from a per-process RNG: any topology and a resumed run see the
 same pixels.
 
-`AUGMENTATIONS` is the registry `--config.augment` is checked against:
+`AUGMENTATIONS` is the registry `config.augment` is checked against:
   - `none`:     decode, resize to `image_size` if set, scale. The seed's job is unchanged.
   - `cifar`:    + zero-pad 4, random crop back to size, horizontal flip (train only).
   - `imagenet`: random-resized crop (area 8-100%, aspect 3/4-4/3) read by a fused decode-and-crop for JPEG,

@@ -2,7 +2,7 @@
 `ImageFolder` read it:
 
   DATA_DIR/train/<class>/**/*.{jpg,jpeg,png}
-  DATA_DIR/test/<class>/...            (or validation/ or val/; `--config.eval_split` picks another name)
+  DATA_DIR/test/<class>/...            (or validation/ or val/; `config.eval_split` picks another name)
 
 Class names, sorted, are the labels 0..K-1 (from train/; an eval class missing from train/ is an error; at
 least 2 classes). A file in a sub-folder of a class folder, at any depth, belongs to that class (as in Keras
@@ -14,7 +14,7 @@ when a batch needs it, by this process only for its own rows.
 Start-up checks (cheap, one line naming the file): empty class folders, files that are not JPEG/PNG by
 extension, and a header sniff (PIL reads the header only, not the pixels) of every file up to `SNIFF_LIMIT`
 per split, evenly spaced beyond: format, size and colour mode. Images are decoded to RGB unless every
-sniffed image is grayscale (then 1 channel). Without `--config.image_size` every sniffed image must share one
+sniffed image is grayscale (then 1 channel). Without `config.image_size` every sniffed image must share one
 size; a file that fails later (corrupt body, a size the sniff did not see) stops training with a line
 naming the file and the step.
 """
@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from errors import UserError, setting
-from input_pipeline import sources
+from input_pipeline import base
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png')
 EVAL_DIRS = ('test', 'validation', 'val')
@@ -131,7 +131,7 @@ def _sniff(paths: List[str]) -> Tuple[set, bool]:
   return sizes, gray
 
 
-class FolderSource(sources.Source):
+class FolderSource(base.Source):
   """Images in class folders, read as encoded bytes by path."""
 
   def __init__(self, directory: str, eval_split: str = ''):
@@ -177,11 +177,11 @@ class FolderSource(sources.Source):
   def content_digest(self) -> str:
     """Each split's files as (path relative to its split folder, size in bytes), in label order."""
     parts = []
-    for split in sources.SPLITS:
+    for split in base.SPLITS:
       parts.append(split)
       for p in self._files[split][0]:
         parts += [os.path.relpath(p, self._split_dirs[split]), str(os.path.getsize(p))]
-    return sources.digest_of(parts)
+    return base.digest_of(parts)
 
   def labels(self, split: str) -> np.ndarray:
     """int32 label of every example of `split`, by index (for readers outside tf.data)."""
@@ -192,4 +192,4 @@ def load(config) -> FolderSource:
   if not config.data_dir:
     raise UserError(f'{setting("data_source")}=folder needs {setting("data_dir")}=DIR with DIR/train/<class>/*.jpg '
                     'and DIR/test/<class>/*.jpg')
-  return FolderSource(sources.data_dir(config), config.get('eval_split', ''))
+  return FolderSource(base.data_dir(config), config.get('eval_split', ''))

@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 
-from errors import UserError
+from errors import UserError, setting
 
 # IDX type codes -> numpy dtypes (big-endian on disk).
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
@@ -30,7 +30,7 @@ def find_file(directory: str, stem: str) -> str:
     if os.path.isfile(path):
       return path
   raise UserError(f'IDX file {stem}(.gz) is missing from {directory}: restore it (e.g. `apt-get install '
-                  f'--reinstall dataset-fashion-mnist`) or point --config.data_dir at a complete copy')
+                  f'--reinstall dataset-fashion-mnist`) or point {setting("data_dir")} at a complete copy')
 
 
 def _read_bytes(path: str) -> bytes:
@@ -50,7 +50,7 @@ def read_idx(path: str) -> np.ndarray:
   data = _read_bytes(path)
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
     raise UserError(f'{path} is not an IDX file (bad magic number {data[:4].hex() or "<empty>"}): '
-                    'check that --config.data_dir points at MNIST-format files')
+                    f'check that {setting("data_dir")} points at MNIST-format files')
   dtype, ndim = np.dtype(_DTYPES[data[2]]), data[3]
   header = 4 + 4 * ndim
   if ndim > MAX_NDIM:
@@ -77,21 +77,22 @@ def load_split(directory: str, split: str, num_classes: int, image_shape=None):
     raise UserError(f'{label_path} holds an array of shape {labels.shape}, expected labels [N]')
   if images.dtype.kind == 'f':
     raise UserError(f'{image_path} holds {images.dtype.name} pixels; images must be integers 0..255 (IDX type '
-                    'uint8): convert the file, or check --config.data_dir')
+                    f'uint8): convert the file, or check {setting("data_dir")}')
   if images.dtype != np.uint8 and images.size and (images.min() < 0 or images.max() > 255):
     raise UserError(f'{image_path} holds pixel values in [{images.min()}, {images.max()}], outside 0..255: '
-                    'convert the file to uint8, or check --config.data_dir')
+                    f'convert the file to uint8, or check {setting("data_dir")}')
   if images.ndim == 3:
     images = images[..., None]
   if image_shape is not None and tuple(images.shape[1:]) != tuple(image_shape):
     raise UserError(f'{image_path} holds images of shape {images.shape[1:]}, but this dataset expects '
-                    f'{tuple(image_shape)}: check --config.dataset and --config.data_dir')
+                    f'{tuple(image_shape)}: check {setting("dataset")} and {setting("data_dir")}')
   if len(images) != len(labels):
     raise UserError(f'{image_path} has {len(images)} images but {label_path} has {len(labels)} labels: '
                     'the files belong to different datasets or one is damaged')
   if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
     raise UserError(f'{label_path} has labels in [{labels.min()}, {labels.max()}], outside [0, {num_classes}): '
-                    'the file is corrupt or belongs to another dataset: check --config.dataset and --config.data_dir')
+                    f'the file is corrupt or belongs to another dataset: check {setting("dataset")} and '
+                    f'{setting("data_dir")}')
   return np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int32)
 
 

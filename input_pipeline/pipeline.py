@@ -13,7 +13,7 @@ from typing import Callable, Iterator, Tuple
 import numpy as np
 import tensorflow as tf
 
-from errors import UserError, first_line
+from errors import UserError, first_line, setting
 from input_pipeline import augment, order
 
 # TensorFlow is only a data loader here: it must never grab an accelerator's memory.
@@ -139,6 +139,6 @@ def bad_data_error(source, prep, split: str, indices, error: Exception, when: st
   i, e = bad
   msg = first_line(e)
   if 'shape' in msg.lower() and prep.output_shape:
-    msg = f'its shape differs from {prep.output_shape} ({msg}); set the image size with --config.image_size'
+    msg = f'its shape differs from {prep.output_shape} ({msg}); set the image size with {setting("image_size")}'
   return UserError(f'{source.name_of(split, i)} could not be read {when}: {msg}: remove or replace the file '
                    '(training stopped; checkpoints written so far are intact)')

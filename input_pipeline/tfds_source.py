@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from errors import UserError, first_line, setting
-from input_pipeline import sources
+from input_pipeline import base
 
 _EVAL_SPLITS = ('test', 'validation')  # In this order; a test split without labels (label -1) is skipped.
 
@@ -34,8 +34,8 @@ def builder(name: str, data_dir: str):
     return tfds.builder(name, data_dir=data_dir or None)
   except Exception as e:  # TFDS raises several types for unknown names.
     if 'not found' in str(e).lower() or e.__class__.__name__ == 'DatasetNotFoundError':
-      raise UserError(f'unknown dataset {name!r}: TFDS has no such dataset; set --config.dataset to one of '
-                      f'{", ".join(sorted(sources.DATASETS))} or a TFDS dataset name') from None
+      raise UserError(f'unknown dataset {name!r}: TFDS has no such dataset; set {setting("dataset")} to one of '
+                      f'{", ".join(sorted(base.DATASETS))} or a TFDS dataset name') from None
     if '://' in (data_dir or ''):  # A remote data_dir (gs://, s3://) that cannot be read: offline, no access.
       raise UserError(f'{setting("data_dir")}={data_dir} cannot be read ({first_line(e)}): check the network and '
                       'your credentials for that storage, or copy the dataset to a local directory') from None
@@ -103,7 +103,7 @@ def _records(b, split: str):
                     f'split with {setting("eval_split")} (splits: {", ".join(info.splits) or "unknown"})') from None
 
 
-class TfdsSource(sources.Source):
+class TfdsSource(base.Source):
   """A prepared TFDS image-classification dataset; `image` and `label` keys from its supervised keys."""
 
   def __init__(self, b, eval_split: str = ''):
@@ -128,7 +128,7 @@ class TfdsSource(sources.Source):
     for split, records in self._records.items():
       if not len(records):
         raise UserError(f'TFDS dataset {b.name!r} has an empty {split} split in {b.data_dir}: prepare it again '
-                        f'(`--config.download=True`) or {sources.how_to_get(b.name)}')
+                        f'(`{setting("download")}=True`) or {base.how_to_get(b.name)}')
 
   def _default_eval_split(self, b) -> str:
     """`test`, or `validation` where the test split has no labels (imagenet2012) or does not exist."""
@@ -162,7 +162,7 @@ class TfdsSource(sources.Source):
 
   def content_digest(self) -> str:
     """The splits read and their record counts (TFDS' own metadata names the files)."""
-    return sources.digest_of([self.eval_split] + [str(len(self._records[s])) for s in sources.SPLITS])
+    return base.digest_of([self.eval_split] + [str(len(self._records[s])) for s in base.SPLITS])
 
   def name_of(self, split: str, index: int) -> str:
     records = self._records[split]
@@ -187,15 +187,15 @@ def _few_download_retries(retries: int = 3):
 
 def load(config) -> TfdsSource:
   name = config.dataset
-  b = builder(name, sources.data_dir(config))
+  b = builder(name, base.data_dir(config))
   if not is_prepared(b):
     if not config.download:
       raise UserError(f'TFDS dataset {name!r} is not prepared in {b.data_dir} and downloads are off: '
-                      f'{sources.how_to_get(name)}')
+                      f'{base.how_to_get(name)}')
     try:
       with _few_download_retries():
         b.download_and_prepare()
     except Exception as e:
       raise UserError(f'could not download TFDS dataset {name!r} ({e.__class__.__name__}: {first_line(e)[:200]}): '
-                      f'check the network, or {sources.how_to_get(name)}') from None
+                      f'check the network, or {base.how_to_get(name)}') from None
   return TfdsSource(b, config.get('eval_split', ''))

@@ -9,7 +9,6 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from errors import UserError, setting
 
 # name -> (width, depth, heads, mlp width)
 SIZES = {
@@ -52,8 +51,7 @@ class ViT(nn.Module):
   def __call__(self, x, train: bool = True):
     p = self.patch_size
     if x.shape[1] % p or x.shape[2] % p:
-      raise UserError(f'{setting("patch_size")}={p} does not divide the {x.shape[1]}x{x.shape[2]} images: use a '
-                      'divisor of the image size (e.g. 4 for 28 or 32 px, 16 for 224 px)')
+      raise ValueError(f'patch size {p} does not divide the {x.shape[1]}x{x.shape[2]} images')
     x = nn.Conv(self.width, (p, p), (p, p), padding='VALID', dtype=self.dtype, param_dtype=jnp.float32,
                 name='patch_embed')(x.astype(self.dtype))
     x = x.reshape((x.shape[0], -1, self.width))

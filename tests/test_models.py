@@ -107,8 +107,10 @@ def test_v15_stride_on_the_3x3():
 def test_patch_size_must_divide():
   from errors import UserError
   model = create_model(_config(model='vit_ti', patch_size=5, vit_depth=1), num_classes=10)
-  with pytest.raises(UserError, match='patch_size=5 does not divide'):
+  with pytest.raises(ValueError, match='patch size 5 does not divide the 28x28 images'):
     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False))
+  with pytest.raises(UserError, match='--config.patch_size=5 does not divide the 28x28 images'):  # Before tracing.
+    job_lib.build(_config(model='vit_ti', patch_size=5, vit_depth=1), data=_data((28, 28, 1)))
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from input_pipeline import augment, device_feed, order, pipeline, sources
 import models.conv
 import models.norm
 from models import create_model
+from models.vit import SIZES as VIT_MODELS
 from parallel import mesh as mesh_lib
 from parallel import steps
 from trainer import optim
@@ -104,6 +105,14 @@ class Job:
     return device_feed.Prefetcher(batches if sizes is None else device_feed.grouped(batches, sizes), put, depth)
 
 
+def _check_patch_size(config, image_shape) -> None:
+  """The ViTs cut images into `patch_size` squares: say so before the model is traced."""
+  p = config.patch_size
+  if config.model in VIT_MODELS and (image_shape[0] % p or image_shape[1] % p):
+    raise UserError(f'{setting("patch_size")}={p} does not divide the {image_shape[0]}x{image_shape[1]} images: '
+                    'use a divisor of the image size (e.g. 4 for 28 or 32 px, 16 for 224 px)')
+
+
 def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
   """Resolves `config` (validated by `trainer.config_check`) on `mesh` (default: every device) and `data`
   (default: `config.dataset` from `config.data_source`)."""
@@ -118,6 +127,7 @@ def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
   data = data if data is not None else sources.load(config)
   sources.check_classes(data)
   prep = augment.Preprocess.from_config(config, data)
+  _check_patch_size(config, prep.output_shape)
   num_train = data.num_examples('train')
   steps_per_epoch = order.steps_per_epoch(num_train, config.batch_size)
   if steps_per_epoch == 0:
