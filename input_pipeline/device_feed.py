@@ -6,6 +6,7 @@ on a host-to-device copy; it works for both layouts (the Flax prefetch helper on
 and iterator overhead whatever its size, which dominated the step of small models (benchmarks/host_overhead.py).
 """
 
+import collections
 import itertools
 import queue
 import threading
@@ -15,7 +16,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 
 CHUNK_BYTES = 4 << 20  # Bytes of batches per tf.data element, at most (and at most MAX_CHUNK steps).
-MAX_CHUNK = 16
+MAX_CHUNK = 64
 
 _END = object()
 
@@ -28,11 +29,15 @@ class _Failure:
 class Prefetcher:
   """Iterates `put(batch)` for each host batch, up to `depth` ahead; `wait_s` totals the time blocked."""
 
-  def __init__(self, batches: Iterable, put: Callable, depth: int = 2):
+  def __init__(self, batches: Iterable, put: Callable, depth: int = 2, each: bool = False):
+    """`each`: `put` returns a list of device batches per input item (several steps placed at once), which
+    are served one by one; `depth` then counts those lists."""
     self._queue = queue.Queue(maxsize=max(depth, 1))
     self._stop = threading.Event()
     self.wait_s = 0.0
     self._done = False
+    self._each = each
+    self._ready = collections.deque()
     self._thread = threading.Thread(target=self._produce, args=(iter(batches), put), daemon=True,
                                     name='device_prefetch')
     self._thread.start()
@@ -59,6 +64,8 @@ class Prefetcher:
     return self
 
   def __next__(self):
+    if self._ready:
+      return self._ready.popleft()
     if self._done:
       raise StopIteration
     t = time.perf_counter()
@@ -70,6 +77,9 @@ class Prefetcher:
     if isinstance(item, _Failure):
       self._done = True
       raise item.error
+    if self._each:
+      self._ready.extend(item)
+      return self._ready.popleft()
     return item
 
   def close(self) -> None:
@@ -88,7 +98,12 @@ def steps_per_element(element_spec, chunk_bytes: int = CHUNK_BYTES) -> int:
     if not spec.shape.is_fully_defined():
       return 1
     sizes.append(int(np.prod(spec.shape)) * spec.dtype.size)
-  return int(max(1, min(MAX_CHUNK, chunk_bytes // max(sum(sizes), 1))))
+  return steps_for_bytes(sum(sizes), chunk_bytes)
+
+
+def steps_for_bytes(batch_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+  """Steps of `batch_bytes` each that one element may hold (at most `MAX_CHUNK`)."""
+  return int(max(1, min(MAX_CHUNK, chunk_bytes // max(batch_bytes, 1))))
 
 
 def _leaves(tree):
@@ -133,11 +148,19 @@ def _regroup(chunks: Iterable, sizes: Iterable[int]) -> Iterable:
     yield size, ({name: value[0] for name, value in group.items()} if size == 1 else group)
 
 
-def from_dataset(ds, put: Callable, depth: int = 2, sizes: Optional[Iterable[int]] = None) -> Prefetcher:
+def from_dataset(ds, put: Callable, depth: int = 2, sizes: Optional[Iterable[int]] = None,
+                 put_each: Optional[Callable] = None, stacked: bool = False) -> Prefetcher:
   """A `Prefetcher` over a tf.data dataset of batch dicts, pulling several steps per element (same order);
-  with `sizes`, it yields what `grouped` does and `put` takes (size, batch)."""
-  k = steps_per_element(ds.element_spec)
+  `stacked`: the elements already hold several steps [k, ...] (`pipeline.train_dataset(steps_per_element=k)`).
+  With `sizes`, it yields what `grouped` does and `put` takes (size, batch). `put_each` (stacked batches
+  [k, ...] -> k placed batches) places a whole element at once; one element is then queued ahead."""
+  k = 0 if stacked else steps_per_element(ds.element_spec)
+  if k == 1:
+    return Prefetcher(ds.as_numpy_iterator() if sizes is None else grouped(ds.as_numpy_iterator(), sizes), put,
+                      depth)
+  chunks = ds.as_numpy_iterator() if stacked else ds.batch(k).as_numpy_iterator()
   if sizes is not None:
-    return Prefetcher(_regroup(ds.batch(k).as_numpy_iterator(), sizes), put, depth)
-  batches = ds.as_numpy_iterator() if k == 1 else _split(ds.batch(k).as_numpy_iterator())
-  return Prefetcher(batches, put, depth)
+    return Prefetcher(_regroup(chunks, sizes), put, depth)
+  if put_each is not None:
+    return Prefetcher(chunks, put_each, 1, each=True)
+  return Prefetcher(_split(chunks), put, depth)

@@ -1,9 +1,14 @@
 """The device feed: several steps per tf.data element must give exactly the one-step-per-element stream."""
 
+import jax
 import numpy as np
+import pytest
 import tensorflow as tf
 
-from input_pipeline import device_feed
+from configs import default
+from input_pipeline import augment, device_feed, pipeline, sources
+from parallel import mesh as mesh_lib
+from trainer import job as job_lib
 
 
 def _dataset(steps, rows=8, shape=(4, 4, 1)):
@@ -14,10 +19,10 @@ def _dataset(steps, rows=8, shape=(4, 4, 1)):
 
 
 def test_chunked_feed_yields_the_same_batches_in_order():
-  ds, images, labels = _dataset(37)  # Not a multiple of the chunk: the last element is short.
+  ds, images, labels = _dataset(150)  # Not a multiple of the chunk: the last element is short.
   assert device_feed.steps_per_element(ds.element_spec) == device_feed.MAX_CHUNK
   got = list(device_feed.from_dataset(ds, put=lambda b: b))
-  assert len(got) == 37
+  assert len(got) == 150
   for i, batch in enumerate(got):
     np.testing.assert_array_equal(batch['image'], images[i])
     np.testing.assert_array_equal(batch['label'], labels[i])
@@ -29,3 +34,42 @@ def test_large_or_unknown_batches_are_not_chunked():
   ragged = tf.data.Dataset.range(3).map(lambda i: {'image': tf.zeros([i + 1]), 'label': tf.zeros([], tf.int32)})
   assert device_feed.steps_per_element(ragged.element_spec) == 1
   assert len(list(device_feed.from_dataset(ragged, put=lambda b: b))) == 3
+
+
+def _source(n=200, shape=(6, 6, 1)):
+  rng = np.random.default_rng(1)
+  images = rng.integers(0, 256, (n,) + shape).astype(np.uint8)
+  labels = (np.arange(n) % 10).astype(np.int32)
+  return sources.InMemoryDataset(images, labels, images[:16], labels[:16], num_classes=10, source='test')
+
+
+@pytest.mark.parametrize('k', [7, 64])
+def test_stacked_train_stream_equals_one_step_per_element(k):
+  """`steps_per_element`: one gather per k steps, the same batches (a resume offset and a short last chunk)."""
+  src = _source()
+  prep = augment.Preprocess('none', channels=1, native_shape=src.image_shape)
+  make = lambda spe: pipeline.train_dataset(src, prep, seed=3, global_batch=16, rows=(4, 12), start_step=5,
+                                            num_steps=41, steps_per_element=spe)
+  one = list(make(1).as_numpy_iterator())
+  stacked = list(make(k).as_numpy_iterator())
+  assert len(one) == 36 and len(stacked) == -(-36 // k)
+  for name in ('image', 'label'):
+    np.testing.assert_array_equal(np.concatenate([c[name] for c in stacked]), np.stack([b[name] for b in one]))
+
+
+@pytest.mark.parametrize('backend', ['shard_map', 'pmap', 'jit'])
+def test_placing_several_steps_at_once_gives_the_batches_train_step_takes(backend):
+  c = default.get_config()
+  c.update(model='mlp', batch_size=16, eval_batch_size=16, parallel_backend=backend, num_train_steps=10)
+  stepper = job_lib.build(c, mesh=mesh_lib.make_mesh(8), data=_source()).stepper
+  rng = np.random.default_rng(0)
+  chunk = {'image': rng.random((5, 16, 6, 6, 1), dtype=np.float32),
+           'label': rng.integers(0, 10, (5, 16)).astype(np.int32)}
+  each = stepper.place_each(chunk)
+  assert len(each) == 5
+  for i, placed in enumerate(each):
+    want = stepper.place({name: v[i] for name, v in chunk.items()})
+    for name in chunk:
+      assert placed[name].shape == want[name].shape
+      assert placed[name].sharding.is_equivalent_to(want[name].sharding, placed[name].ndim)
+      np.testing.assert_array_equal(np.asarray(jax.device_get(placed[name])), np.asarray(jax.device_get(want[name])))

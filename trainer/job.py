@@ -7,6 +7,7 @@ added to the job (a model, an optimizer option, a data source) is trained, measu
 import dataclasses
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import optax
 from jax import lax
 
@@ -64,9 +65,10 @@ class Job:
     """
     c = self.config
     rows = mesh_lib.process_rows(self.mesh, c.batch_size)
+    k = device_feed.steps_for_bytes((rows[1] - rows[0]) * (4 * int(np.prod(self.prep.output_shape)) + 4))
     ds = pipeline.train_dataset(self.data, self.prep, seed=c.seed, global_batch=c.batch_size, rows=rows,
                                 start_step=start_step, num_steps=self.total_steps if num_steps is None else num_steps,
-                                threads=c.data_threads)
+                                threads=c.data_threads, steps_per_element=k)
 
     def explain(k, error):
       step = start_step + k  # 0-based position in the stream; the loop calls it step + 1.
@@ -76,7 +78,7 @@ class Job:
       return pipeline.bad_data_error(self.data, self.prep, 'train', indices, error, f'at training step {step + 1}',
                                      seed=c.seed, step=step)
 
-    return self._feed(ds, explain, sizes)
+    return self._feed(ds, explain, sizes, stacked=k > 1)
 
   def eval_feed(self) -> device_feed.Prefetcher:
     """Placed eval batches: every eval example once, the last batch padded and masked."""
@@ -92,7 +94,7 @@ class Job:
     return self._feed(ds, explain)
 
 
-  def _feed(self, ds, explain, sizes=None) -> device_feed.Prefetcher:
+  def _feed(self, ds, explain, sizes=None, stacked=False) -> device_feed.Prefetcher:
     """In-memory arrays (nothing to decode) go several steps per tf.data element; decoded sources one batch
     per element, so that a failing file is found in the batch whose step the error names."""
     depth, stepper = self.config.prefetch_batches, self.stepper
@@ -100,7 +102,7 @@ class Job:
     if sizes is not None:
       put = lambda item: stepper.place(item[1]) if item[0] == 1 else stepper.place_steps(item[1])
     if pipeline.whole_batches(self.data, self.prep):
-      return device_feed.from_dataset(ds, put, depth, sizes)
+      return device_feed.from_dataset(ds, put, depth, sizes, put_each=stepper.place_each, stacked=stacked)
     batches = pipeline.checked(pipeline.as_numpy(ds), explain)
     return device_feed.Prefetcher(batches if sizes is None else device_feed.grouped(batches, sizes), put, depth)
 
