@@ -249,7 +249,8 @@ class GlobalBatches:
     return mesh_lib.to_global(self.mesh, local_batches, batch_axis=1)
 
   def _splitter(self, k: int):
-    return jax.jit(lambda b: [jax.tree.map(lambda x: x[i], b) for i in range(k)], out_shardings=self._batch_sharding)
+    return jax.jit(lambda b: [jax.tree.map(lambda x, i=i: x[i], b) for i in range(k)],
+                   out_shardings=self._batch_sharding)
 
 
 class ShardMapStepper(GlobalBatches, Stepper):
@@ -312,7 +313,7 @@ class PmapStepper(Stepper):
                                                  self._local), local_batches)
 
   def _splitter(self, k: int):
-    return jax.jit(lambda b: [jax.tree.map(lambda x: x[:, i], b) for i in range(k)], out_shardings=self._local)
+    return jax.jit(lambda b: [jax.tree.map(lambda x, i=i: x[:, i], b) for i in range(k)], out_shardings=self._local)
 
   def to_device(self, state: TrainState) -> TrainState:
     n = len(self.local_devices)
