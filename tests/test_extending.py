@@ -17,7 +17,7 @@ from input_pipeline import sources
 from models import create_model
 from parallel import mesh as mesh_lib
 from tests import harness, job_steps
-from trainer import cli, config_check
+from trainer import cli, config_check, hooks
 from trainer import job as job_lib
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'extending_examples')
@@ -44,6 +44,13 @@ def not_a_module(num_classes):
 
 def hook_without_argument():
   pass
+
+
+SEEN = []
+
+
+def remember(info):
+  SEEN.append(info)
 
 
 def _config(**overrides):
@@ -84,6 +91,19 @@ def test_bad_extension_is_one_line(config, message):
 def test_good_extensions_validate():
   config_check.validate(_config(model='my_model:small_net', model_kwargs={'width': 4}, augment='my_augment:Brightness',
                                 hooks='my_hooks:weight_norm@4, my_hooks:weight_norm@0'))
+
+
+def test_hooks_run_at_their_steps_with_steps_per_dispatch():
+  """A config's hooks join the built-in actions: multiples of EVERY and the last step, even when k steps go in
+  one dispatch (the plan runs single steps around them); EVERY 0 = the last step only."""
+  actions = hooks.from_config(_config(hooks='tests.test_extending:remember@3,tests.test_extending:remember@0'),
+                              lambda name, step: (name, step))
+  SEEN.clear()
+  step = 0
+  for size in hooks.dispatch_sizes(actions, 0, 10, 4):
+    step += size
+    hooks.run_due(actions, step, 10)
+  assert [s for _, s in SEEN] == [3, 6, 9, 10, 10]
 
 
 def test_model_gets_kwargs_and_only_the_trainer_keywords_it_names():
