@@ -3,6 +3,7 @@ config outside the checkout, through the examples of docs/extending.md (tests/ex
 
 import os
 import shutil
+import sys
 
 import flax.linen as nn
 import jax
@@ -210,3 +211,18 @@ def test_unknown_model_kwarg_on_the_command_line_names_the_nearest(tmp_path):
   assert r.stderr.strip().splitlines()[-1] == (
       "error: --config.model_kwargs.widht: my_model:SmallNet takes no keyword 'widht': did you mean "
       '--config.model_kwargs.width? its keywords are width')
+
+
+@pytest.mark.parametrize('source, message', [
+    ('raise RuntimeError("boom")', r'importing broken_mod failed \(RuntimeError: boom\): fix that module'),
+    ('import not_installed_dep', r"importing broken_mod failed \(ModuleNotFoundError: No module named "
+                                 r"'not_installed_dep'\)"),
+    ('def f(:\n', r'importing broken_mod failed \(SyntaxError'),
+])
+def test_a_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch, source, message):
+  (tmp_path / 'broken_mod.py').write_text(source)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.delitem(sys.modules, 'broken_mod', raising=False)
+  with pytest.raises(UserError, match=message) as e:
+    config_check.validate(_config(model='broken_mod:Net'))
+  assert '\n' not in str(e.value)
