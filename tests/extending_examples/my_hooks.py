@@ -8,4 +8,4 @@ def weight_norm(info):
   """Records the global L2 norm of the parameters in metrics.jsonl (`{'kind': 'hook', ...}`)."""
   params = jax.device_get(info.state.params)
   norm = float(np.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(params))))
-  info.record(weight_norm=norm, train_loss=info.train['train_loss'] if info.train else None)
+  info.record(weight_norm=norm)
