@@ -14,12 +14,9 @@ import pytest
 import plugins
 from configs import default
 from errors import UserError
-from input_pipeline import sources
 from models import create_model
-from parallel import mesh as mesh_lib
 from tests import harness, job_steps
 from trainer import cli, config_check, hooks
-from trainer import job as job_lib
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'extending_examples')
 plugins.add_config_dir(os.path.join(EXAMPLES, 'my_config.py'))  # What train.py does for --config=that file.
@@ -158,24 +155,8 @@ def test_plain_batch_norm_is_global_under_jit_and_refused_per_device():
   jax.tree.map(_close, state.batch_stats, one.batch_stats)
   with pytest.raises(UserError, match=r'has BatchNorm but takes no bn_axis_name .* use --config.parallel_backend=jit'):
     job_steps.run_steps(dict(plain, parallel_backend='shard_map'), devices=8)
-  assert not np.allclose(_local_bn_losses(plain), one_losses, rtol=1e-4)
-
-
-def _local_bn_losses(overrides, steps=3):
-  """job_steps.run_steps's batches and losses, with bn_mode=local on 8 devices (no eval: its state differs)."""
-  rng = np.random.default_rng(2)
-  pixels = rng.integers(0, 256, (steps, 16, 16, 16, 1)).astype(np.uint8)
-  labels = rng.integers(0, 10, (steps, 16)).astype(np.int32)
-  data = sources.InMemoryDataset(pixels.reshape(-1, 16, 16, 1), labels.reshape(-1), pixels[0], labels[0],
-                                 num_classes=10, source='test')
-  c = _config(batch_size=16, learning_rate=0.05, momentum=0.9, lr_schedule='constant', bn_mode='local', **overrides)
-  job = job_lib.build(c, mesh=mesh_lib.make_mesh(8), data=data)
-  state, losses = job.stepper.to_device(job.initial_state()), []
-  for i in range(steps):
-    batch = job.stepper.place({'image': pixels[i].astype(np.float32) / 255, 'label': labels[i]})
-    state, m = job.stepper.train_step(state, batch)
-    losses.append(float(job.stepper.metrics(m)['loss_sum']))
-  return losses
+  local_losses, _, _ = job_steps.run_steps(dict(plain, bn_mode='local'), devices=8)
+  assert not np.allclose(local_losses, one_losses, rtol=1e-4)
 
 
 def _project(tmp_path) -> str:
