@@ -207,3 +207,25 @@ def test_a_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch, source
   with pytest.raises(UserError, match=message) as e:
     config_check.validate(_config(model='broken_mod:Net'))
   assert '\n' not in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_outside_config_on_two_processes_matches_one(tmp_path, fake_mnist_dir):
+  """The example on 2 processes x 4 devices (jit, FSDP: a hook's `info.state` gathers across processes) gives
+  the 1-process, 8-device shard_map result: params, BatchNorm statistics and the hook's records."""
+  config, args = _project(tmp_path), (f'--config.data_dir={fake_mnist_dir}',)
+  single = str(tmp_path / 'single')
+  proc = harness.run_train(single, '--num_cpu_devices=8', *args, config=config)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  multi, port = str(tmp_path / 'multi'), harness.free_port()
+  logs = [str(tmp_path / f'p{i}.log') for i in (0, 1)]
+  procs = [harness.start_train(multi, '--num_cpu_devices=4', f'--coordinator_address=127.0.0.1:{port}',
+                               '--num_processes=2', f'--process_id={i}', *args, '--config.parallel_backend=jit',
+                               '--config.shard_params=fsdp', '--config.fsdp_min_bytes=0', config=config,
+                               log_path=logs[i]) for i in (0, 1)]
+  assert [p.wait(timeout=300) for p in procs] == [0, 0], open(logs[0]).read()[-3000:] + open(logs[1]).read()[-3000:]
+  harness.assert_states_close(harness.load_checkpoint(single), harness.load_checkpoint(multi), atol=1e-5)
+  norms = lambda w: [(e['step'], e['weight_norm']) for e in harness.metrics(w) if e['kind'] == 'hook']
+  assert [s for s, _ in norms(multi)] == [4, 8]
+  np.testing.assert_allclose(norms(multi), norms(single), rtol=1e-5)

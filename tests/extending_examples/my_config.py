@@ -15,7 +15,7 @@ def get_config():
   c.augment = 'my_augment:Brightness'
   c.hooks = 'my_hooks:weight_norm@4'
   c.batch_size = 64
-  c.eval_batch_size = 50
+  c.eval_batch_size = 48
   c.num_epochs = 1
   c.learning_rate = 0.05
   c.momentum = 0.9
