@@ -119,15 +119,18 @@ def test_model_gets_kwargs_and_only_the_trainer_keywords_it_names():
 
 def test_model_kwargs_on_the_command_line_are_typed():
   argv, pairs = cli._split_model_kwargs(['train.py', '--config.model_kwargs.width=8', '--config.lr=1',
-                                         '--config.model_kwargs.act', 'gelu', '--config.model_kwargs.sizes=(1,2)',
-                                         '--config.model_kwargs.rate=1'])
+                                         '--config.model_kwargs.act=gelu', '--config.model_kwargs.sizes=(1,2)',
+                                         '--config.model_kwargs.rate=1', '--config.model_kwargs.bias=false'])
   assert argv == ['train.py', '--config.lr=1']
-  c = _kwargs(rate=0.5)
+  c = _kwargs(rate=0.5, bias=True)
   cli._set_model_kwargs(c, pairs)
-  assert c.model_kwargs.to_dict() == {'rate': 1.0, 'width': 8, 'act': 'gelu', 'sizes': (1, 2)}
+  assert c.model_kwargs.to_dict() == {'rate': 1.0, 'bias': False, 'width': 8, 'act': 'gelu', 'sizes': (1, 2)}
   assert type(c.model_kwargs.rate) is float
   with pytest.raises(UserError, match=r'the config file gives it a float \(1.0\)'):
     cli._set_model_kwargs(c, [('rate', 'fast')])
+  for bad in ('--config.model_kwargs.width', '--config.model_kwargs.1x=2'):
+    with pytest.raises(UserError, match=r'give --config.model_kwargs.NAME=VALUE'):
+      cli._split_model_kwargs([bad])
 
 
 def _close(a, b):

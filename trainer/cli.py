@@ -68,21 +68,16 @@ def parse_flags(flag_values, argv):
 
 def _split_model_kwargs(argv):
   """(argv without the `--config.model_kwargs.KEY=VALUE` overrides, [(KEY, VALUE)] in order)."""
-  rest, pairs, i = [], [], 0
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith(KWARGS_PREFIX):
-      key, sep, value = arg[len(KWARGS_PREFIX):].partition('=')
-      if not sep:  # `--config.model_kwargs.KEY VALUE`
-        if i + 1 >= len(argv):
-          raise UserError(f'{arg}: give a value, e.g. {arg}=8')
-        i, value = i + 1, argv[i + 1]
-      if not key.isidentifier():
-        raise UserError(f'{arg}: {key!r} is not a keyword argument name: use {KWARGS_PREFIX}NAME=VALUE')
-      pairs.append((key, value))
-    else:
+  rest, pairs = [], []
+  for arg in argv:
+    if not arg.startswith(KWARGS_PREFIX):
       rest.append(arg)
-    i += 1
+      continue
+    key, sep, value = arg[len(KWARGS_PREFIX):].partition('=')
+    if not sep or not key.isidentifier():
+      raise UserError(f'{arg}: give {KWARGS_PREFIX}NAME=VALUE (NAME a keyword argument of the model, the value '
+                      'after "=")')
+    pairs.append((key, value))
   return rest, pairs
 
 
@@ -102,13 +97,13 @@ def _set_model_kwargs(config, pairs) -> None:
       value = text
     if key in kwargs and kwargs[key] is not None:
       old = type(kwargs[key])
-      if old is float and type(value) is int:
-        value = float(value)
+      if old is bool and text.lower() in ('true', 'false'):
+        value = text.lower() == 'true'
       elif old is str:
         value = text
       elif old in (tuple, list) and type(value) in (tuple, list):
         value = old(value)
-      elif type(value) is not old:
+      elif type(value) is not old and not (old is float and type(value) is int):  # ConfigDict makes it a float.
         raise UserError(f'{KWARGS_PREFIX}{key}={text}: the config file gives it a {old.__name__} '
                         f'({kwargs[key]!r}): give a value of that type')
     with kwargs.unlocked():
