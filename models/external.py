@@ -34,8 +34,8 @@ def check(config) -> None:
   target = _target(config)
   spec = config.model
   if isinstance(target, type) and not issubclass(target, nn.Module) or not callable(target):
-    raise UserError(f'{setting("model")}={spec!r} is a {type(target).__name__}, not a flax.linen Module class or a '
-                    'function returning one: name one of those')
+    raise UserError(f'{setting("model")}={spec!r} is of type {type(target).__name__}, not a flax.linen Module '
+                    'class or a function returning one: name one of those')
   names, var = _signature(target)
   if 'num_classes' not in names and not var:
     raise UserError(f'{setting("model")}={spec!r} takes no num_classes keyword: add `num_classes: int` (the '
@@ -86,7 +86,7 @@ def build(config, *, num_classes: int, dtype, bn_axis_name) -> nn.Module:
     raise UserError(f'{setting("model")}={config.model!r} failed to build with {sorted(kwargs)} '
                     f'({e.__class__.__name__}: {first_line(e)}): fix {setting("model_kwargs")} or the model') from None
   if not isinstance(model, nn.Module):
-    raise UserError(f'{setting("model")}={config.model!r} returned a {type(model).__name__}, not a flax.linen '
+    raise UserError(f'{setting("model")}={config.model!r} returned type {type(model).__name__}, not a flax.linen '
                     'Module: return a Module instance (e.g. `return Net(num_classes=num_classes)`)')
   if not inspect.isclass(target):
     _check_call(config.model, type(model))

@@ -68,7 +68,7 @@ def _kwargs(**kw):
     (_kwargs(num_classes=3), r'model_kwargs.num_classes is set by the trainer'),
     (_config(model='no_such_module:Net'), r"no module named 'no_such_module' on sys.path"),
     (_config(model='my_model:SmallNett'), r"has no attribute 'SmallNett': did you mean SmallNet\?"),
-    (_config(model='my_model:jnp'), r'is a module, not a flax.linen Module class'),
+    (_config(model='my_model:jnp'), r'is of type module, not a flax.linen Module class'),
     (_config(model='tests.test_extending:NoTrain'), r'NoTrain.__call__ takes no `train` argument'),
     (_config(model='tests.test_extending:NoClasses'), r'takes no num_classes keyword'),
     (_config(model='mlp', model_kwargs={'width': 8}), r'keyword arguments are for MODULE:ATTR models only'),
@@ -113,7 +113,7 @@ def test_model_gets_kwargs_and_only_the_trainer_keywords_it_names():
                        bn_axis_name='data')  # small_net names neither dtype nor an axis: gets neither.
   assert (type(plain).__name__, plain.width) == ('PlainBatchNormNet', 5)
   not_module = _config(model='tests.test_extending:not_a_module')
-  with pytest.raises(UserError, match='returned a int, not a flax.linen Module'):
+  with pytest.raises(UserError, match='returned type int, not a flax.linen Module'):
     create_model(not_module, num_classes=3)
 
 
