@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_split = ''               # '' = test, or validation where there is no labelled test split (folder: test/,
                                   # validation/ or val/)
   c.image_size = 0                # 0 = native size; N: train crop and eval resize to N x N
-  c.augment = 'none'              # none | cifar (pad 4, crop, flip) | imagenet (random-resized crop, flip)
+  c.augment = 'none'              # none | cifar (pad 4, crop, flip) | imagenet (random-resized crop, flip) |
+                                  # MODULE:ATTR (your own, docs/extending.md)
   c.normalize = False             # False: pixels scaled to [0, 1]; True: then (x - mean) / std per channel
   c.mean = (0.485, 0.456, 0.406)  # used only with normalize (1 value or one per channel); ImageNet's
   c.std = (0.229, 0.224, 0.225)
@@ -32,7 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.allow_data_change = False     # resume on data with other example counts or content (images added); class
                                   # names must still match; recorded in config_history.jsonl
   # Model (models/).
-  c.model = 'cnn'                 # cnn | mlp | resnet18 | resnet34 | resnet50 | vit_ti | vit_s | vit_b | vit_l
+  c.model = 'cnn'                 # cnn | mlp | resnet18 | resnet34 | resnet50 | vit_ti | vit_s | vit_b | vit_l |
+                                  # MODULE:ATTR (your own flax Module, docs/extending.md)
+  c.model_kwargs = ml_collections.ConfigDict()  # MODULE:ATTR models: keyword arguments (--config.model_kwargs.K=V)
   c.dtype = 'float32'             # compute dtype: float32 | bfloat16 (params and optimizer stay float32)
   c.conv_impl = 'auto'            # conv kernel gradient: auto (matmul_wgrad on CPU, else xla) | xla | matmul_wgrad
   c.bn_impl = 'auto'              # BatchNorm(-ReLU-pool) derivative: auto (fused on CPU, else flax) | flax | fused
@@ -76,5 +79,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.plot = True                   # learning-curves PNG at the end
   c.profile_steps = 0             # trace N steps (after the first compiled one) into WORKDIR/profile; 0 = off
+  c.hooks = ''                    # your periodic actions: 'MODULE:ATTR@EVERY,...' (fn(info) every EVERY steps)
   c.eval_only = False             # evaluate the newest checkpoint and exit: no training, no checkpoint written
   return c

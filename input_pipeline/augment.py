@@ -10,13 +10,16 @@ same pixels.
   - `cifar`:    + zero-pad 4, random crop back to size, horizontal flip (train only).
   - `imagenet`: random-resized crop (area 8-100%, aspect 3/4-4/3) read by a fused decode-and-crop for JPEG,
                 resize, flip; eval resizes the shorter side to size / 0.875 and centre-crops.
+A `MODULE:ATTR` value names one outside the project: a class (or a function of no arguments returning an
+object) with the built-ins' `train(raw, key, size, channels)` and `eval(raw, size, channels)` methods.
 """
 
 from typing import Optional, Sequence, Tuple
 
 import tensorflow as tf
 
-from errors import UserError, setting
+import plugins
+from errors import UserError, first_line, setting
 
 _CROP_PADDING = 0.875  # Eval: centre crop of 87.5%, as the ResNet/Inception recipes do.
 
@@ -100,6 +103,25 @@ class ImagenetAugment:
 AUGMENTATIONS = {'none': NoAugment, 'cifar': CifarAugment, 'imagenet': ImagenetAugment}
 
 
+def create(name: str):
+  """The augmentation `name` (an `AUGMENTATIONS` key, or `MODULE:ATTR`) names, ready to use."""
+  if not plugins.is_path(name):
+    return AUGMENTATIONS[name]()
+  target = plugins.resolve(name, 'augment')
+  try:
+    aug = target() if callable(target) else None
+  except Exception as e:
+    raise UserError(f'{setting("augment")}={name!r} failed to build ({e.__class__.__name__}: {first_line(e)}): it '
+                    'must be a class or a function of no arguments') from None
+  for method, args in (('train', ('raw', 'key', 'size', 'channels')), ('eval', ('raw', 'size', 'channels'))):
+    fn = getattr(aug, method, None)
+    names, var = plugins.keywords(fn) if callable(fn) else ((), False)
+    if not callable(fn) or (len(names) != len(args) and not var):
+      raise UserError(f'{setting("augment")}={name!r} gives no {method}({", ".join(args)}) method: name a class '
+                      'like input_pipeline.augment.NoAugment (subclass it to keep its decode and resize)')
+  return aug
+
+
 def example_key(seed, step, index) -> tf.Tensor:
   """The stateless RNG key of one example at one step: depends on nothing else (no topology, no history)."""
   base = tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)])
@@ -112,7 +134,7 @@ class Preprocess:
   def __init__(self, augment: str = 'none', image_size: int = 0, *, channels: int,
                native_shape: Optional[Sequence[int]], normalize: bool = False, mean=(), std=()):
     self.name = augment
-    self._aug = AUGMENTATIONS[augment]()
+    self._aug = create(augment)
     self.channels = channels
     if image_size:
       self.size = (image_size, image_size)

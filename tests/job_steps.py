@@ -26,7 +26,7 @@ def run_steps(overrides: dict, steps: int = 3, devices: int = 2):
   for i in range(steps):
     state, m = job.stepper.train_step(state, job.stepper.place({'image': images[i], 'label': labels[i]}))
     losses.append(float(job.stepper.metrics(m)['loss_sum']))
-  canonical = jax.device_get(job.stepper.to_canonical(state))
-  evals = job.stepper.eval_step(job.stepper.to_device(canonical), job.stepper.place(
+  canonical = jax.device_get(job.stepper.to_canonical(job.stepper.sync_batch_stats(state)))  # bn_mode=local too
+  evals = job.stepper.eval_step(job.stepper.eval_state(job.stepper.to_device(canonical)), job.stepper.place(
       {'image': images[0], 'label': labels[0], 'mask': np.ones(16, np.float32)}))
   return losses, canonical, float(evals['loss_sum'])

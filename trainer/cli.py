@@ -1,15 +1,21 @@
 """Command-line hygiene for train.py: absl / ml_collections parse errors become one `UserError` line
 (train.py prints it and exits 2) instead of a traceback."""
 
+import ast
 import difflib
 import os
 import re
+import sys
 
 import ml_collections
 from absl import flags
 
 import libenv
+import plugins
 from errors import UserError, first_line
+
+# Overrides under this prefix set keyword arguments of a MODULE:ATTR model: keys ml_collections cannot know.
+KWARGS_PREFIX = '--config.model_kwargs.'
 
 
 def parse_flags(flag_values, argv):
@@ -18,7 +24,12 @@ def parse_flags(flag_values, argv):
   if path and not os.path.isfile(path.split(':', 1)[0]):
     raise UserError(f'--config={path}: no such file: give the path of a config file, e.g. '
                     '--config=configs/default.py (relative paths start at the current directory)')
+  if path:
+    plugins.add_config_dir(path.split(':', 1)[0])
+  argv, model_kwargs = _split_model_kwargs(argv)
+  saved_argv = sys.argv  # ml_collections reads the overrides from sys.argv at parse time: hide ours from it.
   try:
+    sys.argv = argv
     rest = flag_values(argv)
   except flags.Error as e:
     lines = str(e).strip().splitlines()
@@ -44,12 +55,59 @@ def parse_flags(flag_values, argv):
   except Exception as e:  # The config file raised while running (an import, get_config()).
     raise UserError(f'{path} failed to load ({e.__class__.__name__}: {first_line(e)}): fix the config file') \
         from None
+  finally:
+    sys.argv = saved_argv
   if path and not isinstance(flag_values.config, ml_collections.ConfigDict):
     raise UserError(f'{path}: get_config() returned {type(flag_values.config).__name__}, not a ConfigDict: fix the '
                     'config file (see configs/default.py)')
   if path:
     _check_complete(path, flag_values.config)
+    _set_model_kwargs(flag_values.config, model_kwargs)
   return rest
+
+
+def _split_model_kwargs(argv):
+  """(argv without the `--config.model_kwargs.KEY=VALUE` overrides, [(KEY, VALUE)] in order)."""
+  rest, pairs = [], []
+  for arg in argv:
+    if not arg.startswith(KWARGS_PREFIX):
+      rest.append(arg)
+      continue
+    key, sep, value = arg[len(KWARGS_PREFIX):].partition('=')
+    if not sep or not key.isidentifier():
+      raise UserError(f'{arg}: give {KWARGS_PREFIX}NAME=VALUE (NAME a keyword argument of the model, the value '
+                      'after "=")')
+    pairs.append((key, value))
+  return rest, pairs
+
+
+def _set_model_kwargs(config, pairs) -> None:
+  """Sets each override, typed like the value the config file gave that key, else as a Python literal (a
+  bare word stays a string): `width=32` is an int, `act=gelu` a string, `widths=(64,128)` a tuple."""
+  if not pairs:
+    return
+  if not isinstance(config.get('model_kwargs'), ml_collections.ConfigDict):
+    raise UserError(f'{KWARGS_PREFIX}{pairs[0][0]}: this config has no model_kwargs ConfigDict: start from '
+                    'configs/default.py')
+  kwargs = config.model_kwargs
+  for key, text in pairs:
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    if key in kwargs and kwargs[key] is not None:
+      old = type(kwargs[key])
+      if old is bool and text.lower() in ('true', 'false'):
+        value = text.lower() == 'true'
+      elif old is str:
+        value = text
+      elif old in (tuple, list) and type(value) in (tuple, list):
+        value = old(value)
+      elif type(value) is not old and not (old is float and type(value) is int):  # ConfigDict makes it a float.
+        raise UserError(f'{KWARGS_PREFIX}{key}={text}: the config file gives it a {old.__name__} '
+                        f'({kwargs[key]!r}): give a value of that type')
+    with kwargs.unlocked():
+      kwargs[key] = value
 
 
 def _check_complete(path: str, config) -> None:

@@ -2,13 +2,16 @@
 
 import math
 
+import plugins
 from errors import UserError, setting
+from input_pipeline import augment
 from input_pipeline.augment import AUGMENTATIONS
 from input_pipeline.sources import SOURCES
-from models import BN_IMPLS, CONV_IMPLS, DTYPES, MODELS, resnet
+from models import BN_IMPLS, CONV_IMPLS, DTYPES, MODELS, external, resnet
 from parallel.host_malloc import HUGE_PAGES
 from parallel.sharding import SHARD_PARAMS
 from parallel.steps import BACKENDS, BN_MODES
+from trainer import hooks
 from trainer.optim import OPTIMIZERS, SCHEDULES
 
 # Config field -> the registry whose keys are its allowed values (the registries are the only truth).
@@ -28,10 +31,23 @@ def _fail(key, value, rule):
   raise UserError(f'{setting(key)}={value!r} is invalid: {rule}')
 
 
+# Fields that also take code by import path ('MODULE:ATTR'), checked by importing it.
+_PLUGGABLE = {'model': external.check, 'augment': lambda config: augment.create(config.augment)}
+
+
 def validate(config) -> None:
   for key, choices in _CHOICES.items():
-    if config[key] not in choices:
-      _fail(key, config[key], f'use one of {", ".join(choices)}')
+    if key in _PLUGGABLE and plugins.is_path(config[key]):
+      _PLUGGABLE[key](config)
+    elif config[key] not in choices:
+      extra = ", or MODULE:ATTR for your own (docs/extending.md)" if key in _PLUGGABLE else ''
+      _fail(key, config[key], f'use one of {", ".join(choices)}{extra}')
+  if config.model_kwargs and not plugins.is_path(config.model):
+    _fail('model_kwargs', config.model_kwargs.to_dict(), f'keyword arguments are for MODULE:ATTR models '
+          f'only; the zoo\'s {config.model!r} reads its own fields (resnet_width, patch_size, ...): remove them')
+  if not isinstance(config.hooks, str):
+    _fail('hooks', config.hooks, "give a string 'MODULE:ATTR@EVERY,...', or '' for none")
+  hooks.resolve(config.hooks)
   for key in _POSITIVE_INTS:
     value = config[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:

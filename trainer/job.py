@@ -7,15 +7,17 @@ added to the job (a model, an optimizer option, a data source) is trained, measu
 import dataclasses
 from typing import Any, Iterable, Optional
 
+import jax
 import numpy as np
 import optax
 from jax import lax
 
+import plugins
 from errors import UserError, setting
 from input_pipeline import augment, device_feed, order, pipeline, sources
 import models.conv
 import models.norm
-from models import create_model
+from models import create_model, external
 from models.vit import SIZES as VIT_MODELS
 from parallel import mesh as mesh_lib
 from parallel import steps
@@ -40,8 +42,10 @@ class Job:
 
   def initial_state(self) -> state_lib.TrainState:
     """The canonical (replicated) initial state: the same for every topology."""
-    return state_lib.initial_state(self.mesh, self.model, self.tx, self.prep.output_shape, self.config.seed,
+    state = state_lib.initial_state(self.mesh, self.model, self.tx, self.prep.output_shape, self.config.seed,
                                     ema=self.config.ema_decay > 0)
+    _check_batch_norm(self.config, state)
+    return state
 
   def flops_stepper(self) -> steps.Stepper:
     """A stepper of the same math for XLA's cost analysis: with `conv_impl`'s chunked kernel gradients (a
@@ -113,6 +117,18 @@ def _check_patch_size(config, image_shape) -> None:
   if config.model in VIT_MODELS and (image_shape[0] % p or image_shape[1] % p):
     raise UserError(f'{setting("patch_size")}={p} does not divide the {image_shape[0]}x{image_shape[1]} images: '
                     'use a divisor of the image size (e.g. 4 for 28 or 32 px, 16 for 224 px)')
+
+
+def _check_batch_norm(config, state) -> None:
+  """A MODULE:ATTR model with BatchNorm but no axis keyword would keep per-device statistics under the
+  per-device backends while `bn_mode=global` promises global ones (and replicated `batch_stats`): refuse."""
+  c = config
+  if (plugins.is_path(c.model) and jax.tree.leaves(state.batch_stats) and steps.train_bn_axis(c) is not None
+      and not external.takes_axis_name(c)):
+    raise UserError(f'{setting("model")}={c.model!r} has BatchNorm but takes no bn_axis_name (or axis_name) '
+                    f'keyword, so under {setting("parallel_backend")}={c.parallel_backend} its statistics would be '
+                    'per device: add `bn_axis_name: Optional[str] = None` and pass it to nn.BatchNorm(axis_name=...), '
+                    f'or use {setting("parallel_backend")}=jit (global statistics) or {setting("bn_mode")}=local')
 
 
 def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:

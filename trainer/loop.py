@@ -145,13 +145,21 @@ class Trainer:
     c = self.config
     self.utilization = utilization.Utilization(job)
     self.profiler = Profiler(workdir, c.profile_steps, self.start_step, job.total_steps)
-    # The periodic actions, in the order they run at a step; a new one is one line here.
+    self.last_train: Optional[dict] = None
+    # The periodic actions, in the order they run at a step; a new one is one line here (or, from a config,
+    # an entry of `config.hooks`).
     self.actions = [
         hooks.Periodic('log', c.log_every_steps, self.log, aside=False),
         hooks.Periodic('eval', job.eval_every, self.eval),
         hooks.Periodic('checkpoint', c.checkpoint_every_steps, self.save),
     ] + ([hooks.Periodic('profile', 1, lambda step: self.profiler.step(step, self.state), aside=False)]
-         if c.profile_steps > 0 else [])
+         if c.profile_steps > 0 else []) + hooks.from_config(c, self._step_info)
+
+  def _step_info(self, name: str, step: int) -> hooks.StepInfo:
+    stepper = self.job.stepper
+    state = lambda: stepper.to_canonical(stepper.sync_batch_stats(self.state))  # A copy: training is unchanged.
+    return hooks.StepInfo(name, step, self._epoch(step), self.workdir, self.config, self.is_main, self.last_train,
+                          self.final, state, self.reporter.write)
 
   def _epoch(self, step: int) -> float:
     return round(step / self.job.steps_per_epoch, 4)
@@ -164,6 +172,7 @@ class Trainer:
              'train_accuracy': w.correct / max(w.count, 1), **self.speed.window(step, self.feed.wait_s)}
     event.update(self.utilization.window(event['images_per_sec'], self.state))
     self.reporter.write(event)
+    self.last_train = event
     reporting.log(reporting.train_line(event, self.job.total_steps), self.is_main)
     w.reset()
 
