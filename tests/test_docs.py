@@ -34,7 +34,7 @@ def _section_names(text: str, heading: str):
 def _config_fields(config, prefix=''):
   fields = set()
   for key, value in config.items():
-    if hasattr(value, 'items'):
+    if hasattr(value, 'items') and len(value):  # An empty ConfigDict (model_kwargs) is one field.
       fields |= _config_fields(value, f'{prefix}{key}.')
     else:
       fields.add(prefix + key)
