@@ -13,14 +13,15 @@ import re
 from tests.harness import ROOT
 
 # Which top-level parts of the project each part may import (besides itself). Everything else is upward.
-BASE = {'errors', 'paths', 'libenv'}
+BASE = {'errors', 'paths', 'libenv', 'plugins'}
 ALLOWED = {
     'errors': set(),
     'paths': {'errors'},
     'libenv': set(),
+    'plugins': {'errors'},  # Resolves MODULE:ATTR config values for every layer.
     'storage': {'errors', 'paths'},
     'configs': set(),
-    'models': {'errors'},
+    'models': {'errors', 'plugins'},
     'cpu_kernels': {'errors'},
     'input_pipeline': BASE | {'storage'},
     'parallel': BASE | {'models', 'cpu_kernels'},
