@@ -93,8 +93,9 @@ def main(argv=None) -> int:
   except (UserError, ValueError) as e:  # A bad config or VARIANT: one line, no traceback.
     print(f'error: {e}', file=sys.stderr)
     return 2
-  from parallel import host_malloc, topology
-  host_malloc.restart_for(base)  # The malloc settings train.py runs the baseline with.
+  from cpu_kernels import malloc
+  from parallel import topology
+  malloc.restart_for(base)  # The malloc settings train.py runs the baseline with.
   topology.configure_backend('cpu', args.devices)
   import jax
   import numpy as np

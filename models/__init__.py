@@ -3,6 +3,10 @@
 Adding a model is one entry here plus its module. An entry is a builder `(config, **kw) -> nn.Module`; `kw` is
 `num_classes`, `dtype` (compute dtype; params stay float32) and `bn_axis_name` (the mesh axis BatchNorm
 reduces over, or None). A builder reads any model-specific config fields it needs.
+
+The models are plain flax linen. `create_model` hands them to `cpu_kernels.plug`, which runs their convolutions
+and BatchNorms with hand-written CPU kernels on the CPU platform (`config.cpu_kernels`); the models know
+nothing of it.
 """
 
 import functools
@@ -11,21 +15,21 @@ from typing import Callable, Dict
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import cnn, conv, mlp, norm, resnet, vit
+import cpu_kernels
+from models import cnn, mlp, resnet, vit
 
 MODELS: Dict[str, Callable[..., nn.Module]] = {
-    'cnn': lambda config, **kw: cnn.CNN(conv=conv.conv_for(config.conv_impl), bn_impl=config.bn_impl, **kw),
+    'cnn': lambda config, **kw: cnn.CNN(**kw),
     'mlp': lambda config, **kw: mlp.MLP(**kw),
     **{name: functools.partial(resnet.build, name) for name in resnet.DEPTHS},
     **{name: functools.partial(vit.build, name) for name in vit.SIZES},
 }
 
-CONV_IMPLS = conv.IMPLS  # config.conv_impl: 'auto' = the matmul kernel gradient on CPU, XLA's elsewhere
-BN_IMPLS = norm.IMPLS  # config.bn_impl: 'auto' = the hand-differentiated BatchNorm on CPU, flax's elsewhere
-
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def create_model(config, *, num_classes: int, bn_axis_name=None) -> nn.Module:
-  """Builds `config.model` in `config.dtype`."""
-  return MODELS[config.model](config, num_classes=num_classes, dtype=DTYPES[config.dtype], bn_axis_name=bn_axis_name)
+def create_model(config, *, num_classes: int, bn_axis_name=None):
+  """Builds `config.model` in `config.dtype`, with `config.cpu_kernels` applied (`model.init` and `model.apply`
+  as flax's; the flax Module itself is `model` or, with the kernels plugged in, `model.model`)."""
+  model = MODELS[config.model](config, num_classes=num_classes, dtype=DTYPES[config.dtype], bn_axis_name=bn_axis_name)
+  return cpu_kernels.plug(model, config.cpu_kernels)
