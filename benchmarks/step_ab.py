@@ -4,8 +4,8 @@
                                [--config=configs/default.py] VARIANT [VARIANT ...]
 
 Each VARIANT is a comma list of KEY=VALUE config fields (`-` = the config unchanged); the first is the
-baseline. Example, the measurement behind `bn_impl`'s default:
-  python -m benchmarks.step_ab bn_impl=flax bn_impl=fused
+baseline. Example, the measurement behind `cpu_kernels`' default:
+  python -m benchmarks.step_ab cpu_kernels=off cpu_kernels=auto
 
 Why paired: on a shared VM a neighbour's load moves single runs by 10-20%, more than most changes are
 worth. Here every variant's job (`trainer.job.build`) is compiled once in the same process, then timed in

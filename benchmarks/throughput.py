@@ -106,7 +106,7 @@ def parse_args(argv):
   p.add_argument('--windows', type=int, help='timed windows per row (the median is reported)')
   p.add_argument('--models', default='cnn', help=f'comma list of {",".join(MODEL_ROWS)} (default cnn)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='a configs/default.py field for every row, e.g. --set=conv_impl=xla (repeatable)')
+                 help='a configs/default.py field for every row, e.g. --set=cpu_kernels=off (repeatable)')
   p.add_argument('--rounds', type=int, default=1,
                  help='run the whole set of row processes N times, each round in the opposite order of the one '
                       'before; each row reports its median round, and a line prints every round\'s ratio to the '
