@@ -28,8 +28,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import paths  # noqa: E402
+from cpu_kernels import malloc  # noqa: E402
 from errors import UserError, first_line  # noqa: E402
-from parallel import agreement, host_malloc, topology  # noqa: E402
+from parallel import agreement, topology  # noqa: E402
 from trainer import cli, reporting, workdir  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -69,7 +70,7 @@ def main(argv):
   reporting.quiet_library_logs(keep_tracebacks=FLAGS.verbose)
   from trainer import config_check  # Bad values fail here, before any device, process or file is touched.
   config_check.validate(FLAGS.config)
-  host_malloc.restart_for(FLAGS.config)  # May re-exec this command (huge pages): before any lock or file.
+  malloc.restart_for(FLAGS.config)  # May re-exec this command (huge pages): before any lock or file.
   workdir.check(FLAGS.workdir)
   num_cpu = FLAGS.num_cpu_devices
   if num_cpu == -1:

@@ -25,7 +25,7 @@ def _digest(tree):
   return h.hexdigest()[:12]
 
 
-def child(n: int, bn_impl: str, conv_impl: str) -> None:
+def child(n: int, kernels: str) -> None:
   sys.path.insert(0, ROOT)
   from parallel import topology
   topology.configure_backend('cpu', n)
@@ -39,7 +39,7 @@ def child(n: int, bn_impl: str, conv_impl: str) -> None:
   from parallel import mesh as mesh_lib
 
   config = default.get_config()
-  config.bn_impl, config.conv_impl = bn_impl, conv_impl
+  config.cpu_kernels = kernels
   model = models.create_model(config, num_classes=10)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(V, S, 28, 28, 1)).astype(np.float32))
@@ -73,14 +73,14 @@ def _flat(tree):
 
 def main():
   if len(sys.argv) > 1:
-    return child(int(sys.argv[1]), sys.argv[2], sys.argv[3])
+    return child(int(sys.argv[1]), sys.argv[2])
   extra = os.environ.get('PROBE_XLA_FLAGS', '')
-  combos = os.environ.get('PROBE_IMPLS', 'flax/xla,auto/auto')  # bn_impl/conv_impl pairs
-  for bn_impl, conv_impl in (c.split('/') for c in combos.split(',')):
-    print(f'bn_impl={bn_impl} conv_impl={conv_impl} XLA_FLAGS+={extra!r}\n  n single scan scan[0]==single')
+  settings = os.environ.get('PROBE_KERNELS', 'off,auto')  # cpu_kernels settings
+  for kernels in settings.split(','):
+    print(f'cpu_kernels={kernels} XLA_FLAGS+={extra!r}\n  n single scan scan[0]==single')
     for n in map(int, os.environ.get('PROBE_COUNTS', '1,2,4,8').split(',')):
       env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' ' + extra).strip())
-      out = subprocess.run([sys.executable, __file__, str(n), bn_impl, conv_impl], env=env, capture_output=True,
+      out = subprocess.run([sys.executable, __file__, str(n), kernels], env=env, capture_output=True,
                            text=True)
       print('  ' + (out.stdout.strip() or out.stderr.strip()[-500:]), flush=True)
 

@@ -71,8 +71,9 @@ def bare_step(job, steps: int, feed=None) -> float:
 def main(argv=None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   steps = 300 if args.quick else args.steps
-  from parallel import host_malloc, topology
-  host_malloc.restart_for(_config(args, steps))  # As train.py does.
+  from cpu_kernels import malloc
+  from parallel import topology
+  malloc.restart_for(_config(args, steps))  # As train.py does.
   topology.configure_backend('cpu', args.devices)
   from input_pipeline import sources
   from trainer import job as job_lib, loop

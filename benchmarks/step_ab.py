@@ -4,8 +4,8 @@
                                [--config=configs/default.py] VARIANT [VARIANT ...]
 
 Each VARIANT is a comma list of KEY=VALUE config fields (`-` = the config unchanged); the first is the
-baseline. Example, the measurement behind `bn_impl`'s default:
-  python -m benchmarks.step_ab bn_impl=flax bn_impl=fused
+baseline. Example, the measurement behind `cpu_kernels`' default:
+  python -m benchmarks.step_ab cpu_kernels=off cpu_kernels=auto
 
 Why paired: on a shared VM a neighbour's load moves single runs by 10-20%, more than most changes are
 worth. Here every variant's job (`trainer.job.build`) is compiled once in the same process, then timed in
@@ -93,8 +93,9 @@ def main(argv=None) -> int:
   except (UserError, ValueError) as e:  # A bad config or VARIANT: one line, no traceback.
     print(f'error: {e}', file=sys.stderr)
     return 2
-  from parallel import host_malloc, topology
-  host_malloc.restart_for(base)  # The malloc settings train.py runs the baseline with.
+  from cpu_kernels import malloc
+  from parallel import topology
+  malloc.restart_for(base)  # The malloc settings train.py runs the baseline with.
   topology.configure_backend('cpu', args.devices)
   import jax
   import numpy as np

@@ -106,7 +106,7 @@ def parse_args(argv):
   p.add_argument('--windows', type=int, help='timed windows per row (the median is reported)')
   p.add_argument('--models', default='cnn', help=f'comma list of {",".join(MODEL_ROWS)} (default cnn)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
-                 help='a configs/default.py field for every row, e.g. --set=conv_impl=xla (repeatable)')
+                 help='a configs/default.py field for every row, e.g. --set=cpu_kernels=off (repeatable)')
   p.add_argument('--rounds', type=int, default=1,
                  help='run the whole set of row processes N times, each round in the opposite order of the one '
                       'before; each row reports its median round, and a line prints every round\'s ratio to the '
@@ -154,9 +154,9 @@ def run_per_device_count(args, argv) -> int:
   passthrough = [a for a in argv if not a.startswith(('--devices', '--json', '--simulated_devices', '--no_reference',
                                                       '--reference_only', '--rounds', '--torch'))]
   # The seed's loop runs in a process of its own with glibc's default malloc settings, as the seed ran it
-  # (parallel/host_malloc.py is the trainer's); the trainer rows run one process per device count.
-  from parallel import host_malloc
-  runs = ([] if args.no_reference else [(1, ['--reference_only'], host_malloc.glibc_default_env())])
+  # (cpu_kernels/malloc.py is the trainer's); the trainer rows run one process per device count.
+  from cpu_kernels import malloc
+  runs = ([] if args.no_reference else [(1, ['--reference_only'], malloc.glibc_default_env())])
   runs += [(k, ['--no_reference'], None) for k in sorted(args.devices)]
   runs += [('torch', [], None)] if args.torch else []
   rounds = [runs if r % 2 == 0 else runs[::-1] for r in range(args.rounds)]
@@ -465,9 +465,10 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if not args.simulated_devices:
     return run_per_device_count(args, argv)
-  from parallel import host_malloc, topology
-  if not args.reference_only and any(host_malloc.huge_pages_wanted(_config('shard_map', 128, m)) for m in args.models):
-    host_malloc.restart_with_huge_pages()  # As train.py does for these configs.
+  from cpu_kernels import malloc
+  from parallel import topology
+  if not args.reference_only and any(malloc.huge_pages_wanted(_config('shard_map', 128, m)) for m in args.models):
+    malloc.restart_with_huge_pages()  # As train.py does for these configs.
   topology.configure_backend('cpu', args.simulated_devices)  # Before anything starts JAX's backend.
   import jax
 

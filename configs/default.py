@@ -37,8 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
                                   # MODULE:ATTR (your own flax Module, docs/extending.md)
   c.model_kwargs = ml_collections.ConfigDict()  # MODULE:ATTR models: keyword arguments (--config.model_kwargs.K=V)
   c.dtype = 'float32'             # compute dtype: float32 | bfloat16 (params and optimizer stay float32)
-  c.conv_impl = 'auto'            # conv kernel gradient: auto (matmul_wgrad on CPU, else xla) | xla | matmul_wgrad
-  c.bn_impl = 'auto'              # BatchNorm(-ReLU-pool) derivative: auto (fused on CPU, else flax) | flax | fused
+  c.cpu_kernels = 'auto'          # hand-written Conv/BatchNorm gradients (cpu_kernels/): auto (on the CPU only) | off
   c.stem = 'auto'                 # ResNet stem: auto (small for images <= 64 px) | imagenet | small
   c.resnet_width = 64             # ResNet channels of the first stage (doubled per stage)
   c.resnet_stages = ''            # ResNet blocks per stage, e.g. '1,1,1'; '' = the model's standard depth

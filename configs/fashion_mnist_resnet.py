@@ -11,7 +11,7 @@ decay 5e-4 on kernels, label smoothing 0.1, pad-4 random crop + horizontal flip 
 [0, 1], no normalisation (the stem's BatchNorm does it). Eval averages the logits of each test image and its
 mirror (`eval_flip`; training does not depend on it).
 
-Measured (2-core AMD EPYC VM, 2.45 GHz, AVX2; 2 simulated CPU devices, float32, `conv_impl=auto`,
+Measured (2-core AMD EPYC VM, 2.45 GHz, AVX2; 2 simulated CPU devices, float32, `cpu_kernels=auto`,
 `huge_pages=on`), quiet machine: training took **48 min 26 s** wall clock including start-up, compilation
 and 10 evals, at a median 428 img/s. Test accuracy over all 10,000 test examples after 20 epochs: **94.02%**
 with `eval_flip` (the final checkpoint evaluated with `--config.eval_only=True`: 17 s; with `eval_flip` on

@@ -9,14 +9,10 @@ Two stems:
 shallow variant (e.g. width 16, stages (1, 1, 1, 1)) keeps the tests and a 2-core CPU recipe fast.
 """
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
-
-from models.conv import conv_for
-from models.norm import batch_norm
 
 STEMS = ('auto', 'imagenet', 'small')
 SMALL_STEM_MAX_PX = 64
@@ -31,7 +27,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = self.norm(relu=True)(self.conv(self.features, (3, 3), self.strides)(x))
+    y = nn.relu(self.norm()(self.conv(self.features, (3, 3), self.strides)(x)))
     y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.features, (3, 3))(y))
     if x.shape != y.shape:
       x = self.norm()(self.conv(self.features, (1, 1), self.strides, name='proj')(x))
@@ -47,8 +43,8 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = self.norm(relu=True)(self.conv(self.features, (1, 1))(x))
-    y = self.norm(relu=True)(self.conv(self.features, (3, 3), self.strides)(y))
+    y = nn.relu(self.norm()(self.conv(self.features, (1, 1))(x)))
+    y = nn.relu(self.norm()(self.conv(self.features, (3, 3), self.strides)(y)))
     y = self.norm(scale_init=nn.initializers.zeros)(self.conv(self.features * 4, (1, 1))(y))
     if x.shape != y.shape:
       x = self.norm()(self.conv(self.features * 4, (1, 1), self.strides, name='proj')(x))
@@ -63,23 +59,21 @@ class ResNet(nn.Module):
   num_classes: int = 10
   dtype: Any = jnp.float32
   bn_axis_name: Optional[str] = None
-  conv: Callable = lax.conv_general_dilated  # models/conv.py: the CPU's faster kernel gradient
-  bn_impl: str = 'flax'  # models/norm.py: 'fused' = BatchNorm(-ReLU) with a hand-written backward pass
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = lambda f, k, s=1, **kw: nn.Conv(f, k, (s, s), padding='SAME', use_bias=False, dtype=self.dtype,
-                                           param_dtype=jnp.float32, conv_general_dilated=self.conv, **kw)
-    norm = lambda **kw: batch_norm(self.bn_impl, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                                   axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
-                                   param_dtype=jnp.float32, **kw)  # relu=True: nn.relu(BatchNorm(x))
+                                           param_dtype=jnp.float32, **kw)
+    norm = lambda **kw: nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                                     axis_name=self.bn_axis_name if train else None, dtype=self.dtype,
+                                     param_dtype=jnp.float32, **kw)
     stem = self.stem if self.stem != 'auto' else ('small' if max(x.shape[1:3]) <= SMALL_STEM_MAX_PX else 'imagenet')
     x = x.astype(self.dtype)
     if stem == 'imagenet':
-      x = norm(relu=True)(conv(self.width, (7, 7), 2, name='stem_conv')(x))
+      x = nn.relu(norm()(conv(self.width, (7, 7), 2, name='stem_conv')(x)))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
     else:
-      x = norm(relu=True)(conv(self.width, (3, 3), name='stem_conv')(x))
+      x = nn.relu(norm()(conv(self.width, (3, 3), name='stem_conv')(x)))
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         x = self.block(self.width * 2 ** i, 2 if i > 0 and j == 0 else 1, conv, norm)(x)
@@ -110,5 +104,4 @@ def build(name: str, config, **kw) -> ResNet:
   stages, block = DEPTHS[name]
   if config.resnet_stages:
     stages = parse_stages(config.resnet_stages)
-  return ResNet(stage_sizes=stages, block=block, width=config.resnet_width, stem=config.stem,
-                conv=conv_for(config.conv_impl), bn_impl=config.bn_impl, **kw)
+  return ResNet(stage_sizes=stages, block=block, width=config.resnet_width, stem=config.stem, **kw)

@@ -19,7 +19,7 @@ from typing import Optional
 from absl import logging
 
 from errors import UserError, first_line
-from parallel import host_malloc
+from cpu_kernels import malloc
 
 PLATFORMS = ('auto', 'cpu', 'gpu', 'tpu')
 
@@ -47,7 +47,7 @@ def configure_backend(platform: str = 'auto', num_cpu_devices: int = 0, collecti
            f'--xla_cpu_collective_call_warn_stuck_timeout_seconds={max(t // 3, 1)}']
   existing = os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = ' '.join([existing] + [f for f in flags if f.split('=')[0] not in existing]).strip()
-  host_malloc.keep_freed_memory()
+  malloc.keep_freed_memory()
 
 
 def _cluster_detected() -> bool:

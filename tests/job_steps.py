@@ -1,5 +1,5 @@
 """A few train steps of the trainer's own job, in process, on fixed 16x16 batches: for tests that compare two
-implementations of the same math (`conv_impl`, `bn_impl`) step by step."""
+implementations of the same math (`cpu_kernels`, `parallel_backend`) step by step."""
 
 import jax
 import numpy as np

@@ -34,7 +34,7 @@ def _run(*args):
 
 def test_throughput_quick_prints_rows(tmp_path):
   path = str(tmp_path / 'bench.json')
-  out = _run('benchmarks.throughput', '--quick', '--devices=2', '--simulated_devices=2', '--set=conv_impl=xla',
+  out = _run('benchmarks.throughput', '--quick', '--devices=2', '--simulated_devices=2', '--set=cpu_kernels=off',
              f'--json={path}')
   header = next(line for line in out.splitlines() if line.startswith('backend'))
   assert header.split() == ['backend', 'devices', 'batch', 'img/s', 'ms/step', 'input', 'wait', 'cores', 'busy',
@@ -47,22 +47,22 @@ def test_throughput_quick_prints_rows(tmp_path):
   for row in rows.values():
     assert row['images_per_s'] > 0 and row['flops_per_step'] > 1e9  # ~3.4 GFLOP per step of 128 images.
   assert 0 < summary['peak_gflops']
-  assert summary['machine']['config_overrides'] == {'conv_impl': 'xla'}
+  assert summary['machine']['config_overrides'] == {'cpu_kernels': 'off'}
 
 
 def test_step_ab_quick_compares_variants_and_names_a_bad_one(tmp_path):
   path = str(tmp_path / 'ab.json')
-  out = _run('benchmarks.step_ab', '--quick', f'--json={path}', 'bn_impl=flax', 'bn_impl=fused,conv_impl=xla')
+  out = _run('benchmarks.step_ab', '--quick', f'--json={path}', 'cpu_kernels=off', 'cpu_kernels=auto,plot=false')
   lines = [line.split() for line in out.splitlines() if line.startswith('  ')]
-  assert [line[0] for line in lines] == ['bn_impl=flax', 'bn_impl=fused,conv_impl=xla'], out
+  assert [line[0] for line in lines] == ['cpu_kernels=off', 'cpu_kernels=auto,plot=false'], out
   assert float(lines[0][1]) > 0 and lines[0][7] == '1.000', out  # The baseline's ratio to itself.
   with open(path) as f:
-    assert len(json.load(f)['img_s_windows']['bn_impl=flax']) == 2
+    assert len(json.load(f)['img_s_windows']['cpu_kernels=off']) == 2
   env = _env()
-  bad = subprocess.run([sys.executable, '-m', 'benchmarks.step_ab', '--quick', 'bn_impl=flax', 'bn_impl=nope'],
+  bad = subprocess.run([sys.executable, '-m', 'benchmarks.step_ab', '--quick', 'cpu_kernels=off', 'cpu_kernels=nope'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-      "error: --config.bn_impl='nope' is invalid: use one of auto, flax, fused"], bad.stderr
+      "error: --config.cpu_kernels='nope' is invalid: use one of auto, off"], bad.stderr
   uneven = subprocess.run([sys.executable, '-m', 'benchmarks.step_ab', '--quick', '--devices=3', '-'],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert uneven.returncode == 2 and uneven.stderr.strip().splitlines()[-1].startswith(
@@ -76,8 +76,8 @@ def test_step_ab_pairs_windows_by_position():
   assert summary['a'] == {'img_s': 100, 'ratio': 1.0, 'wins': 0}
   assert summary['b']['ratio'] == 1.1 and summary['b']['wins'] == 2 and summary['b']['img_s'] == 130
   from configs import default
-  c = step_ab.variant_config(default.get_config(), 'bn_impl=flax,batch_size=64,plot=false')
-  assert (c.bn_impl, c.batch_size, c.plot) == ('flax', 64, False)
+  c = step_ab.variant_config(default.get_config(), 'cpu_kernels=off,batch_size=64,plot=false')
+  assert (c.cpu_kernels, c.batch_size, c.plot) == ('off', 64, False)
   with pytest.raises(ValueError, match='nonsense'):
     step_ab.variant_config(default.get_config(), 'nonsense')
   with pytest.raises(ValueError, match='batch_size needs a value of type int'):

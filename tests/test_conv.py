@@ -1,13 +1,19 @@
-"""models/conv.py: the im2col-matmul kernel gradient is the same math as XLA's convolution gradient."""
+"""cpu_kernels/conv.py: the im2col-matmul kernel gradient is the same math as XLA's convolution gradient, and
+a plain `nn.Conv` under `cpu_kernels.intercepted()` is flax's own."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
 
+import cpu_kernels
 from configs import default
-from models import conv, create_model
+from cpu_kernels import conv
+from models import create_model
 from tests import job_steps
 from trainer import config_check
 
@@ -69,23 +75,72 @@ def test_unsupported_cases_fall_back_to_xla():
   np.testing.assert_allclose(dilated, want, rtol=1e-6)
 
 
-def test_conv_impl_selects_by_platform_and_is_validated():
-  assert conv.conv_for('auto', 'cpu') is conv.conv_general_dilated
-  assert conv.conv_for('auto', 'gpu') is lax.conv_general_dilated
-  assert conv.conv_for('auto', 'tpu') is lax.conv_general_dilated
-  assert conv.conv_for('xla', 'cpu') is lax.conv_general_dilated
-  assert conv.conv_for('matmul_wgrad', 'gpu') is conv.conv_general_dilated
+def _conv_grads(kernels: bool, module: nn.Module, x):
+  """Initial variables, output and gradients (params, x) of a non-trivial loss of `module`."""
+  def run(fn, *args):
+    if not kernels:
+      return fn(*args)
+    with cpu_kernels.intercepted():
+      return fn(*args)
+  variables = run(module.init, jax.random.PRNGKey(0), x)
+  loss = lambda v, x: jnp.sum(jnp.sin(run(module.apply, v, x)))
+  return variables, run(module.apply, variables, x), jax.grad(loss, (0, 1))(variables, x)
+
+
+@pytest.mark.parametrize('kw,x_shape', [
+    (dict(features=8, kernel_size=(3, 3)), (3, 9, 9, 2)),                                    # the CNN's
+    (dict(features=8, kernel_size=(3, 3), strides=2, use_bias=False), (3, 9, 9, 2)),         # ResNet's
+    (dict(features=8, kernel_size=(4, 4), strides=(4, 4), padding='VALID'), (2, 8, 8, 3)),  # ViT patches
+    (dict(features=4, kernel_size=(3, 3), padding=((2, 0), (1, 3)), dtype=jnp.bfloat16), (2, 9, 9, 2)),
+    (dict(features=4, kernel_size=(3, 3), kernel_dilation=2), (2, 9, 9, 2)),      # flax's code
+    (dict(features=4, kernel_size=(3, 3), feature_group_count=2), (2, 9, 9, 2)),  # flax's code
+    (dict(features=4, kernel_size=(3,)), (2, 9, 2)),                              # 1-D: flax's code
+], ids=['cnn', 'strided_no_bias', 'patches', 'explicit_bfloat16', 'dilated', 'grouped', '1d'])
+def test_intercepted_conv_equals_flax(kw, x_shape, monkeypatch):
+  """The same initial parameters, output and gradients as flax's nn.Conv; the matmul kernel gradient only for
+  the 2-D cases it reproduces."""
+  module, x = nn.Conv(**kw), jnp.asarray(np.random.default_rng(0).standard_normal(x_shape), jnp.float32)
+  calls, fn = [], conv.conv_general_dilated
+  monkeypatch.setattr(conv, 'conv_general_dilated', lambda *a, **k: calls.append(1) or fn(*a, **k))
+  got, want = _conv_grads(True, module, x), _conv_grads(False, module, x)
+  tol = 2e-2 if kw.get('dtype') == jnp.bfloat16 else 1e-5
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol * float(jnp.abs(b).max()))
+  assert bool(calls) == (len(x_shape) == 4 and 'kernel_dilation' not in kw and 'feature_group_count' not in kw)
+
+
+def test_cpu_kernels_select_by_platform_and_are_validated():
+  assert cpu_kernels.enabled('auto', 'cpu') and not cpu_kernels.enabled('off', 'cpu')
+  assert not cpu_kernels.enabled('auto', 'gpu') and not cpu_kernels.enabled('auto', 'tpu')
   c = default.get_config()
-  assert create_model(c, num_classes=10).conv is conv.conv_general_dilated  # These tests run on CPU.
-  c.conv_impl = 'im2col'
-  with pytest.raises(Exception, match='conv_impl'):
+  model = create_model(c, num_classes=10)  # These tests run on CPU.
+  assert isinstance(model, cpu_kernels.Plugged) and isinstance(model.model, nn.Module)
+  assert model.num_classes == 10  # The model's own fields read through.
+  c.cpu_kernels = 'off'
+  assert isinstance(create_model(c, num_classes=10), nn.Module)
+  c.cpu_kernels = 'on'
+  with pytest.raises(Exception, match="cpu_kernels='on' is invalid: use one of auto, off"):
     config_check.validate(c)
 
 
-def test_train_steps_match_xla_convolutions():
-  """Three steps of the trainer's own job (the CNN) on 2 devices: conv_impl=matmul_wgrad vs xla, float
-  tolerance. (The ResNets' stride-2, 1x1 and 7x7 convolutions are checked one by one above.)"""
-  results = {impl: job_steps.run_steps({'conv_impl': impl}) for impl in ('xla', 'matmul_wgrad')}
-  np.testing.assert_allclose(results['matmul_wgrad'][0], results['xla'][0], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(results['matmul_wgrad'][1].params), jax.tree.leaves(results['xla'][1].params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+@functools.lru_cache(maxsize=1)
+def _plain_flax_on_shard_map():
+  return job_steps.run_steps({'cpu_kernels': 'off', 'parallel_backend': 'shard_map'})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('backend', ['shard_map', 'pmap', 'jit'])
+def test_trainer_with_and_without_cpu_kernels_on_every_backend(backend):
+  """Three steps of the default job (the CNN, global BatchNorm) on 2 devices: cpu_kernels=off (plain flax)
+  gives the same losses and state on every backend as shard_map does, and the kernels stay within float
+  tolerance of it."""
+  want = _plain_flax_on_shard_map()
+  for setting in ('off', 'auto') if backend != 'shard_map' else ('auto',):
+    losses, state, eval_loss = job_steps.run_steps({'cpu_kernels': setting, 'parallel_backend': backend})
+    np.testing.assert_allclose(losses, want[0], rtol=1e-5, err_msg=setting)
+    np.testing.assert_allclose(eval_loss, want[2], rtol=1e-4, err_msg=setting)
+    for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
+                    jax.tree.leaves((want[1].params, want[1].batch_stats))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=setting)

@@ -2,13 +2,14 @@
 
 import math
 
+import cpu_kernels
 import plugins
+from cpu_kernels.malloc import HUGE_PAGES
 from errors import UserError, setting
 from input_pipeline import augment
 from input_pipeline.augment import AUGMENTATIONS
 from input_pipeline.sources import SOURCES
-from models import BN_IMPLS, CONV_IMPLS, DTYPES, MODELS, external, resnet
-from parallel.host_malloc import HUGE_PAGES
+from models import DTYPES, MODELS, external, resnet
 from parallel.sharding import SHARD_PARAMS
 from parallel.steps import BACKENDS, BN_MODES
 from trainer import hooks
@@ -19,7 +20,7 @@ _CHOICES = {
     'data_source': SOURCES, 'augment': AUGMENTATIONS, 'model': MODELS, 'optimizer': OPTIMIZERS,
     'lr_schedule': SCHEDULES,
     'parallel_backend': BACKENDS, 'bn_mode': BN_MODES, 'dtype': DTYPES, 'stem': resnet.STEMS,
-    'conv_impl': CONV_IMPLS, 'bn_impl': BN_IMPLS, 'huge_pages': HUGE_PAGES, 'shard_params': SHARD_PARAMS,
+    'cpu_kernels': cpu_kernels.SETTINGS, 'huge_pages': HUGE_PAGES, 'shard_params': SHARD_PARAMS,
 }
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'checkpoint_every_steps',
                   'keep_checkpoints', 'max_steps_in_flight', 'prefetch_batches', 'steps_per_dispatch', 'resnet_width',

@@ -10,13 +10,11 @@ from typing import Any, Iterable, Optional
 import jax
 import numpy as np
 import optax
-from jax import lax
 
+import cpu_kernels
 import plugins
 from errors import UserError, setting
 from input_pipeline import augment, device_feed, order, pipeline, sources
-import models.conv
-import models.norm
 from models import create_model, external
 from models.vit import SIZES as VIT_MODELS
 from parallel import mesh as mesh_lib
@@ -48,17 +46,12 @@ class Job:
     return state
 
   def flops_stepper(self) -> steps.Stepper:
-    """A stepper of the same math for XLA's cost analysis: with `conv_impl`'s chunked kernel gradients (a
-    `lax.scan`) XLA counts a loop body once, not once per trip, so FLOPs are counted on XLA's convolutions
-    (and on flax's BatchNorm, so that `bn_impl` does not change the model's count)."""
-    if (models.conv.conv_for(self.config.conv_impl) is lax.conv_general_dilated
-        and models.norm.resolve(self.config.bn_impl) == 'flax'):
+    """A stepper of the same math for XLA's cost analysis: with cpu_kernels' chunked kernel gradients (a
+    `lax.scan`) XLA counts a loop body once, not once per trip, so FLOPs are counted on the plain model (which
+    also keeps the hand-written BatchNorm from changing the model's count)."""
+    if not isinstance(self.model, cpu_kernels.Plugged):
       return self.stepper
-    c = self.config.copy_and_resolve_references()
-    c.conv_impl, c.bn_impl = 'xla', 'flax'
-    model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=steps.train_bn_axis(c))
-    eval_model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=None)
-    return steps.make_stepper(c, self.mesh, model, eval_model, self.tx)
+    return steps.make_stepper(self.config, self.mesh, self.model.model, self.eval_model.model, self.tx)
 
   def train_feed(self, start_step: int, num_steps: Optional[int] = None,
                  sizes: Optional[Iterable[int]] = None) -> device_feed.Prefetcher:

@@ -12,12 +12,14 @@ The forward pass and the input gradient stay XLA's own convolution: the same chu
 isolation (7.8 -> 6.3 ms) but lost in the whole step (1,800 -> 1,200 img/s; it blocks XLA's fusions), so it
 was dropped. Only the order of the kernel gradient's float sums changes (relative difference ~1e-6).
 
-Only the CPU gains: cuDNN and the TPU compiler have fast kernel gradients of their own, so `conv_for`
-returns `lax.conv_general_dilated` there (`conv_impl='auto'`).
+Only the CPU gains: cuDNN and the TPU compiler have fast kernel gradients of their own (`cpu_kernels='auto'`
+plugs this in on the CPU only). `intercept_conv` runs a plain `nn.Conv` this way, and leaves its bias to a
+BatchNorm that directly follows it (`Handoff`, norm.py).
 """
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -25,15 +27,6 @@ from jax import lax
 # im2col bytes per scan chunk: about a core's L2. Measured on the AMD VM, default CNN on 2 devices x 64:
 # 0.5-1 MiB ~1,800-1,980 img/s, 2 MiB 1,530-1,790, 4 MiB 1,230-1,280, no chunking 1,190.
 CHUNK_BYTES = 1 << 20
-
-IMPLS = ('auto', 'xla', 'matmul_wgrad')
-
-
-def conv_for(impl: str, platform: str = None):
-  """The `conv_general_dilated` for flax's `nn.Conv(conv_general_dilated=...)` under `impl`."""
-  if impl == 'auto':
-    impl = 'matmul_wgrad' if (platform or jax.default_backend()) == 'cpu' else 'xla'
-  return conv_general_dilated if impl == 'matmul_wgrad' else lax.conv_general_dilated
 
 
 def _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count):
@@ -119,3 +112,62 @@ def kernel_grad(x, g, w_shape, strides, padding):
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+class Handoff:
+  """Conv outputs `y + bias` by identity, with their `y` and `bias`: a BatchNorm whose input is one of them
+  normalises `y` with `bias` as a shift, so that `y + bias` is never materialised unless something else reads
+  it (XLA then drops the unused add). Kept for one trace (`cpu_kernels.intercepted`); holding the outputs keeps
+  their ids unique."""
+
+  def __init__(self):
+    self._items = {}
+
+  def put(self, out, y, bias):
+    self._items[id(out)] = (out, y, bias)
+
+  def take(self, x):
+    """(y, bias) where `x` is a Conv output put here, else (x, None)."""
+    item = self._items.get(id(x))
+    return (item[1], item[2]) if item is not None and item[0] is x else (x, None)
+
+
+def _ones(value) -> bool:
+  return value is None or all(v == 1 for v in ((value,) if isinstance(value, int) else value))
+
+
+def _plain_padding(padding) -> bool:
+  if isinstance(padding, str):
+    return padding in ('SAME', 'VALID')
+  return (isinstance(padding, (tuple, list)) and len(padding) == 2
+          and all(isinstance(p, (tuple, list)) and len(p) == 2 for p in padding))
+
+
+def _plain_module(m: nn.Conv, x) -> bool:
+  """True for the nn.Conv settings `intercept_conv` reproduces: 2-D NHWC, no dilation, groups, mask or
+  custom convolution."""
+  return (getattr(x, 'ndim', 0) == 4 and len(tuple(m.kernel_size)) == 2 and m.feature_group_count == 1
+          and _ones(m.input_dilation) and _ones(m.kernel_dilation) and m.mask is None
+          and m.conv_general_dilated is None and m.conv_general_dilated_cls is None and _plain_padding(m.padding)
+          and (m.strides is None or isinstance(m.strides, int) or len(m.strides) == 2))
+
+
+def intercept_conv(next_fun, args, kwargs, m: nn.Conv, handoff: Handoff):
+  """`nn.Conv.__call__` with the matmul kernel gradient; the same parameters (names, shapes, initialisers, in
+  flax's order) and dtype promotion. Settings it does not reproduce run flax's own code."""
+  x = args[0] if args else kwargs.get('inputs')
+  if len(args) + len(kwargs) != 1 or not _plain_module(m, x):
+    return next_fun(*args, **kwargs)
+  kernel = m.param('kernel', m.kernel_init, tuple(m.kernel_size) + (x.shape[-1], m.features), m.param_dtype)
+  bias = m.param('bias', m.bias_init, (m.features,), m.param_dtype) if m.use_bias else None
+  x, kernel, bias = m.promote_dtype(x, kernel, bias, dtype=m.dtype)
+  strides = m.strides if m.strides is not None else 1
+  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  padding = m.padding if isinstance(m.padding, str) else tuple(tuple(p) for p in m.padding)
+  y = conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                           precision=m.precision)
+  if bias is None:
+    return y
+  out = y + bias
+  handoff.put(out, y, bias)
+  return out

@@ -1,4 +1,4 @@
-"""parallel/host_malloc.py: the mallopt thresholds apply on glibc, and the huge-page restart re-executes the
+"""cpu_kernels/malloc.py: the mallopt thresholds apply on glibc, and the huge-page restart re-executes the
 same command exactly once, keeps its arguments, and can be turned off."""
 
 import os
@@ -8,19 +8,19 @@ import sys
 
 import pytest
 
-from parallel import host_malloc
+from cpu_kernels import malloc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='mallopt and tunables are glibc-only')
 
 # Prints one line per start: a restart that failed to happen, or happened twice, shows in the line count.
-_PROBE = ('import os, sys; from parallel import host_malloc; print("start", flush=True); '
-          'host_malloc.restart_with_huge_pages(); '
+_PROBE = ('import os, sys; from cpu_kernels import malloc; print("start", flush=True); '
+          'malloc.restart_with_huge_pages(); '
           'print(os.environ.get("GLIBC_TUNABLES", "-"), sys.argv[1:], os.getpid(), flush=True)')
 
 
 def _probe(env_extra, *args):
-  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'DPTRAIN_MALLOC', host_malloc._RESTARTED)}
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'DPTRAIN_MALLOC', malloc._RESTARTED)}
   env.update(env_extra)
   out = subprocess.run([sys.executable, '-c', _PROBE, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=60, check=True).stdout.splitlines()
@@ -29,7 +29,7 @@ def _probe(env_extra, *args):
 
 def _thp_madvise() -> bool:
   try:
-    with open(host_malloc._THP_MODE) as f:
+    with open(malloc._THP_MODE) as f:
       return '[madvise]' in f.read()
   except OSError:
     return False
@@ -37,7 +37,7 @@ def _thp_madvise() -> bool:
 
 @glibc_only
 def test_thresholds_apply_on_glibc():
-  assert host_malloc.keep_freed_memory() is True
+  assert malloc.keep_freed_memory() is True
 
 
 @glibc_only
@@ -61,23 +61,23 @@ def test_restart_is_off_with_dptrain_malloc_glibc_or_a_chosen_tunable():
 
 def test_reference_env_restores_the_original_tunables(monkeypatch):
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1')
-  monkeypatch.setenv(host_malloc._RESTARTED, 'glibc.malloc.arena_max=4')
-  env = host_malloc.glibc_default_env()
+  monkeypatch.setenv(malloc._RESTARTED, 'glibc.malloc.arena_max=4')
+  env = malloc.glibc_default_env()
   assert env['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=4' and env['DPTRAIN_MALLOC'] == 'glibc'
-  assert host_malloc._RESTARTED not in env
-  monkeypatch.setenv(host_malloc._RESTARTED, '')
-  assert 'GLIBC_TUNABLES' not in host_malloc.glibc_default_env()
+  assert malloc._RESTARTED not in env
+  monkeypatch.setenv(malloc._RESTARTED, '')
+  assert 'GLIBC_TUNABLES' not in malloc.glibc_default_env()
 
 
 def test_huge_pages_by_config():
   from configs import default
   c = default.get_config()
-  wanted = lambda **kw: host_malloc.huge_pages_wanted(_with(c, **kw))
+  wanted = lambda **kw: malloc.huge_pages_wanted(_with(c, **kw))
   assert not wanted()  # Opt-in: the default re-executes nothing, on any platform.
   assert not wanted(model='mlp') and not wanted(model='resnet18') and not wanted(model='vit_ti')
   assert wanted(huge_pages='on') and not wanted(model='resnet50', huge_pages='off')
   from configs import fashion_mnist_resnet
-  assert host_malloc.huge_pages_wanted(fashion_mnist_resnet.get_config())  # The CPU recipe measured with them.
+  assert malloc.huge_pages_wanted(fashion_mnist_resnet.get_config())  # The CPU recipe measured with them.
 
 
 def _with(config, **overrides):
@@ -91,9 +91,9 @@ def test_no_restart_inside_another_program():
   """A host program that patched sys.argv (a notebook running train.py) must not be re-executed."""
   if not _thp_madvise():
     pytest.skip('transparent huge pages are not in madvise mode here')
-  code = ('import sys; sys.argv = ["train.py", "--config=x"]; from parallel import host_malloc; print("start", '
-          'flush=True); host_malloc.restart_with_huge_pages(); print("end", flush=True)')
-  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'DPTRAIN_MALLOC', host_malloc._RESTARTED)}
+  code = ('import sys; sys.argv = ["train.py", "--config=x"]; from cpu_kernels import malloc; print("start", '
+          'flush=True); malloc.restart_with_huge_pages(); print("end", flush=True)')
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'DPTRAIN_MALLOC', malloc._RESTARTED)}
   out = subprocess.run([sys.executable, '-c', code, '--other'], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=60, check=True).stdout.splitlines()
   assert out == ['start', 'end'], out
