@@ -12,6 +12,8 @@ and nothing is read whole: the pipeline asks each source only for this process's
               downloads and prepares it first only if `config.download` is true.
   - `folder`: `config.data_dir/{train,test|validation|val}/<class>/*.{jpg,jpeg,png}` (`folder.py`).
   - `auto`:   IDX files if present, else a prepared TFDS dataset, else a download if allowed.
+  - `synthetic`: examples generated on the devices with `config.dataset`'s shape and classes, no files and
+              no TensorFlow (`synthetic.py`; for benchmarks and checks).
 """
 
 import dataclasses
@@ -104,6 +106,8 @@ DATASETS = {
     'mnist': DatasetSpec(10, (28, 28, 1), class_names=tuple(str(k) for k in range(10))),
     'cifar10': DatasetSpec(10, (32, 32, 3), class_names=('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
                                                          'frog', 'horse', 'ship', 'truck')),
+    # Images differ in size (TFDS); the shape is what `data_source=synthetic` generates.
+    'imagenet2012': DatasetSpec(1000, (224, 224, 3)),
 }
 
 
@@ -146,7 +150,7 @@ class InMemoryDataset(Source):
     return len(self._arrays(split)[1])
 
   def reader(self, split: str) -> Callable:
-    import tensorflow as tf
+    from input_pipeline.tf_host import tf
     images, labels = (tf.constant(a) for a in self._arrays(split))
     return lambda i: (tf.gather(images, i), tf.gather(labels, i))
 
@@ -230,7 +234,12 @@ def _auto(config) -> Source:
   return tfds_source.load(config)
 
 
-SOURCES = {'auto': _auto, 'idx': _idx, 'tfds': _tfds, 'folder': _folder}
+def _synthetic(config) -> Source:
+  from input_pipeline import synthetic  # JAX: loaded only for this source.
+  return synthetic.load(config)
+
+
+SOURCES = {'auto': _auto, 'idx': _idx, 'tfds': _tfds, 'folder': _folder, 'synthetic': _synthetic}
 
 
 def load(config) -> Source:

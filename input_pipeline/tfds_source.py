@@ -20,10 +20,11 @@ import struct
 from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from errors import UserError, first_line, setting
-from input_pipeline import sources
+from input_pipeline import sources, tf_host
+
+tf = tf_host.module()  # Before TFDS: TensorFlow off the accelerators.
 
 _EVAL_SPLITS = ('test', 'validation')  # In this order; a test split without labels (label -1) is skipped.
 
