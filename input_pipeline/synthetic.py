@@ -39,9 +39,9 @@ def examples(seed: int, split: str, indices, shape: Tuple[int, int, int], num_cl
     pattern = jax.random.uniform(jax.random.fold_in(pattern_key, label), shape, jnp.float32)
     return 0.5 * jax.random.uniform(noise_key, shape, jnp.float32) + 0.5 * pattern, label
 
-  flat = indices.reshape(-1)
-  images, labels = jax.vmap(one)(flat)
-  return images.reshape(indices.shape + tuple(shape)), labels.reshape(indices.shape)
+  for _ in range(indices.ndim):  # One vmap per leading axis: no reshape of a sharded axis.
+    one = jax.vmap(one)
+  return one(indices)
 
 
 class SyntheticSource(sources.Source):
