@@ -82,8 +82,8 @@ def main(argv=None) -> int:
         f'{steps} timed steps; full loop: {args.steps_per_dispatch} step(s) per dispatch')
   print(f'  bare step     {r["bare_us"]:8.1f} µs/step')
   print(f'  step + feed   {r["fed_us"]:8.1f} µs/step  (+{r["fed_us"] - r["bare_us"]:.1f})')
-  print(f'  full loop     {r["full_us"]:8.1f} µs/step  (+{r["full_us"] - r["bare_us"]:.1f} over the bare step; input wait '
-        f'{r["input_wait_pct"]:.1f}%)')
+  print(f'  full loop     {r["full_us"]:8.1f} µs/step  (+{r["full_us"] - r["bare_us"]:.1f} over the bare step; '
+        f'input wait {r["input_wait_pct"]:.1f}%)')
   return 0
 
 

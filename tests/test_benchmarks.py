@@ -120,3 +120,19 @@ def test_rounds_report_the_median_round_and_every_ratio():
   assert 'error' in merged['pmap']
   (line,) = throughput.round_ratios(rows)
   assert line.startswith('shard_map 2 dev batch 128') and '3.00x, 2.00x, 3.00x (median 3.00x)' in line, line
+
+
+def test_device_check_dry_run_on_the_cpu(tmp_path):
+  """benchmarks/device_check.py --platform=cpu: every section runs and prints, on synthetic data (no dataset
+  needed, but this module's marks apply); the comparison of the CPU with itself passes exactly."""
+  path = str(tmp_path / 'check.json')
+  out = _run('benchmarks.device_check', '--platform=cpu', f'--json={path}')
+  assert out.splitlines()[0].startswith('Device: cpu x 1 (cpu); JAX ') and out.splitlines()[-1].startswith('PASS'), out
+  with open(path) as f:
+    check = json.load(f)
+  assert set(check['compare']) == {'cnn', 'resnet18'}
+  for row in check['compare'].values():
+    assert row['pass'] and row['same_batches'] and row['max_rel_loss_diff'] == 0 and len(row['losses_cpu']) == 3
+  for name in ('resnet50', 'vit_b16'):
+    assert check[name]['images_per_s'] > 0 and 0 < check[name]['mfu'] < 1, check[name]
+  assert check['generator_images_per_s'] > 0 and set(check['host_overhead']) == {'1', '32'}
