@@ -123,13 +123,34 @@ def test_rounds_report_the_median_round_and_every_ratio():
 
 
 def test_device_check_dry_run_on_the_cpu(tmp_path):
-  """benchmarks/device_check.py --platform=cpu: every section runs and prints, on synthetic data (no dataset
-  needed, but this module's marks apply); the comparison of the CPU with itself passes exactly."""
+  """benchmarks/device_check.py --platform=cpu on the GPU host's package set (no TensorFlow, TFDS, clu; and
+  ml_collections only as a wheel in --wheels): every section runs and prints, and the CPU compared with itself
+  passes exactly."""
+  import zipfile
+
+  import ml_collections
+
+  from tests import test_lean_host
+  site = str(tmp_path / 'site')
+  test_lean_host.lean_site(site, packages=[p for p in test_lean_host.HOST_PACKAGES if p != 'ml-collections'])
+  wheels = tmp_path / 'wheels'
+  wheels.mkdir()
+  package = os.path.dirname(ml_collections.__file__)
+  with zipfile.ZipFile(wheels / 'ml_collections-0-py3-none-any.whl', 'w') as whl:  # As `pip download` gives it.
+    for folder, _, files in os.walk(package):
+      for name in files:
+        path = os.path.join(folder, name)
+        whl.write(path, os.path.relpath(path, os.path.dirname(package)))
   path = str(tmp_path / 'check.json')
-  out = _run('benchmarks.device_check', '--platform=cpu', f'--json={path}')
+  env = dict(_env(), PYTHONPATH=site)
+  proc = subprocess.run([sys.executable, '-S', '-m', 'benchmarks.device_check', '--platform=cpu', f'--json={path}',
+                         f'--wheels={wheels}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  out = proc.stdout
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert out.splitlines()[0].startswith('Device: cpu x 1 (cpu); JAX ') and out.splitlines()[-1].startswith('PASS'), out
   with open(path) as f:
     check = json.load(f)
+  assert check['wheels_on_path'] == ['ml_collections-0-py3-none-any.whl']
   assert set(check['compare']) == {'cnn', 'resnet18'}
   for row in check['compare'].values():
     assert row['pass'] and row['same_batches'] and row['max_rel_loss_diff'] == 0 and len(row['losses_cpu']) == 3

@@ -38,10 +38,10 @@ def distributions(roots):
   return seen
 
 
-def lean_site(directory) -> str:
-  """A directory of symlinks to the top-level entries the host packages installed."""
+def lean_site(directory, packages=HOST_PACKAGES) -> str:
+  """A directory of symlinks to the top-level entries that `packages` (and what they need) installed."""
   os.makedirs(directory)
-  for dist in distributions(HOST_PACKAGES).values():
+  for dist in distributions(packages).values():
     for f in dist.files or []:
       top = f.parts[0]
       target = os.path.join(str(dist.locate_file('')), top)
