@@ -32,6 +32,8 @@ def parse_args(argv):
   p.add_argument('--log_every', type=int, default=100, help='the loop log interval (default 100)')
   p.add_argument('--steps_per_dispatch', type=int, default=1,
                  help='config.steps_per_dispatch of the full loop (default 1: one dispatch per step)')
+  p.add_argument('--data_source', default='auto', help='auto (the real Fashion-MNIST, default) or synthetic '
+                 '(generated on the device: no files, no TensorFlow)')
   return p.parse_args(argv)
 
 
@@ -43,6 +45,7 @@ def _config(args, steps: int):
   c.eval_every_steps = c.checkpoint_every_steps = 10 ** 9  # Only the end-of-run eval and save: outside timing.
   c.lr_schedule, c.plot = 'constant', False
   c.steps_per_dispatch = args.steps_per_dispatch
+  c.data_source = args.data_source
   return c
 
 
@@ -75,11 +78,24 @@ def main(argv=None) -> int:
   from parallel import topology
   malloc.restart_for(_config(args, steps))  # As train.py does.
   topology.configure_backend('cpu', args.devices)
+  r = measure(args, steps)
+  print(f'CPU: {_cpu()}, {os.cpu_count()} cores; model {args.model}, batch {args.batch}, {args.devices} device(s), '
+        f'{steps} timed steps; full loop: {args.steps_per_dispatch} step(s) per dispatch')
+  print(f'  bare step     {r["bare_us"]:8.1f} µs/step')
+  print(f'  step + feed   {r["fed_us"]:8.1f} µs/step  (+{r["fed_us"] - r["bare_us"]:.1f})')
+  print(f'  full loop     {r["full_us"]:8.1f} µs/step  (+{r["full_us"] - r["bare_us"]:.1f} over the bare step; '
+        f'input wait {r["input_wait_pct"]:.1f}%)')
+  return 0
+
+
+def measure(args, steps: int, mesh=None) -> dict:
+  """µs per step of the three timings and the loop's input-wait share (%), on `mesh` (default: every device of
+  the configured backend; the backend must be set up already)."""
   from input_pipeline import sources
   from trainer import job as job_lib, loop
 
   data = sources.load(_config(args, steps))
-  job = job_lib.build(_config(args, steps + 50), data=data)
+  job = job_lib.build(_config(args, steps + 50), data=data, mesh=mesh)
   bare = bare_step(job, steps)
   feed = job.train_feed(0)
   try:
@@ -90,7 +106,7 @@ def main(argv=None) -> int:
   # The full loop: Trainer.run over warm+steps steps; time the steps after `warm` from the metrics' wall clock.
   # Warm-up past the first log: with steps_per_dispatch > 1 the 1-step program first compiles just before it.
   warm = args.log_every + 50
-  full_job = job_lib.build(_config(args, warm + steps), data=data)
+  full_job = job_lib.build(_config(args, warm + steps), data=data, mesh=mesh)
   with tempfile.TemporaryDirectory() as workdir:
     trainer = loop.Trainer(full_job, workdir)
     marks = {}
@@ -108,13 +124,7 @@ def main(argv=None) -> int:
   (t0, w0, s0), (t1, w1, s1) = marks[warm], marks[warm + steps]
   full, wait = (t1 - t0) * steps / (s1 - s0), (w1 - w0) * steps / (s1 - s0)  # Per `steps` steps.
   us = lambda s: 1e6 * s / steps
-  print(f'CPU: {_cpu()}, {os.cpu_count()} cores; model {args.model}, batch {args.batch}, {args.devices} device(s), '
-        f'{steps} timed steps; full loop: {args.steps_per_dispatch} step(s) per dispatch')
-  print(f'  bare step     {us(bare):8.1f} µs/step')
-  print(f'  step + feed   {us(fed):8.1f} µs/step  (+{us(fed - bare):.1f})')
-  print(f'  full loop     {us(full):8.1f} µs/step  (+{us(full - bare):.1f} over the bare step; input wait '
-        f'{100 * wait / full:.1f}%)')
-  return 0
+  return {'bare_us': us(bare), 'fed_us': us(fed), 'full_us': us(full), 'input_wait_pct': 100 * wait / full}
 
 
 def _cpu() -> str:

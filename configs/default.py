@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Data (input_pipeline/: sources.py, folder.py, tfds_source.py, augment.py).
   c.dataset = 'fashion_mnist'     # built-in: fashion_mnist, mnist, cifar10; any TFDS name with data_source=tfds;
                                   # only a label with data_source=folder
-  c.data_source = 'auto'          # auto | idx | tfds | folder
+  c.data_source = 'auto'          # auto | idx | tfds | folder | synthetic (generated on the devices, no files and
+                                  # no TensorFlow: benchmarks and checks; shape and classes of `dataset`)
   c.data_dir = ''                 # IDX directory, TFDS data_dir or image folder; '' = the dataset's default
   c.download = False              # let TFDS download when the data is not prepared
   c.eval_split = ''               # '' = test, or validation where there is no labelled test split (folder: test/,
@@ -30,6 +31,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mean = (0.485, 0.456, 0.406)  # used only with normalize (1 value or one per channel); ImageNet's
   c.std = (0.229, 0.224, 0.225)
   c.data_threads = 0              # host threads that read, decode and augment; 0 = one per core
+  c.synthetic_train_examples = 65536  # data_source=synthetic: examples per split
+  c.synthetic_eval_examples = 1024
   c.allow_data_change = False     # resume on data with other example counts or content (images added); class
                                   # names must still match; recorded in config_history.jsonl
   # Model (models/).

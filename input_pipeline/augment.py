@@ -14,12 +14,15 @@ A `MODULE:ATTR` value names one outside the project: a class (or a function of n
 object) with the built-ins' `train(raw, key, size, channels)` and `eval(raw, size, channels)` methods.
 """
 
+from __future__ import annotations
+
 from typing import Optional, Sequence, Tuple
 
-import tensorflow as tf
+import numpy as np
 
 import plugins
 from errors import UserError, first_line, setting
+from input_pipeline.tf_host import tf  # Lazy: the registry and `Preprocess`'s shapes need no TensorFlow.
 
 _CROP_PADDING = 0.875  # Eval: centre crop of 87.5%, as the ResNet/Inception recipes do.
 
@@ -149,8 +152,8 @@ class Preprocess:
       if len(mean) not in (1, channels) or len(std) not in (1, channels):
         raise UserError(f'{setting("mean")} and {setting("std")} need 1 or {channels} values for images with '
                         f'{channels} channel(s); got {len(mean)} and {len(std)}')
-      self._mean = tf.constant(mean, tf.float32) * 255.0
-      self._scale = 1.0 / (tf.constant(std, tf.float32) * 255.0)
+      self._mean = np.asarray(mean, np.float32) * 255.0
+      self._scale = 1.0 / (np.asarray(std, np.float32) * 255.0)
 
   @classmethod
   def from_config(cls, config, source) -> 'Preprocess':

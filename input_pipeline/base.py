@@ -99,6 +99,8 @@ DATASETS = {
     'mnist': DatasetSpec(10, (28, 28, 1), class_names=tuple(str(k) for k in range(10))),
     'cifar10': DatasetSpec(10, (32, 32, 3), class_names=('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
                                                          'frog', 'horse', 'ship', 'truck')),
+    # Images differ in size (TFDS); the shape is what `data_source=synthetic` generates.
+    'imagenet2012': DatasetSpec(1000, (224, 224, 3)),
 }
 
 
@@ -141,7 +143,7 @@ class InMemoryDataset(Source):
     return len(self._arrays(split)[1])
 
   def reader(self, split: str) -> Callable:
-    import tensorflow as tf
+    from input_pipeline.tf_host import tf
     images, labels = (tf.constant(a) for a in self._arrays(split))
     return lambda i: (tf.gather(images, i), tf.gather(labels, i))
 

@@ -163,7 +163,7 @@ class FolderSource(base.Source):
     return len(self._files[split][0])
 
   def reader(self, split: str):
-    import tensorflow as tf
+    from input_pipeline.tf_host import tf
     paths, labels = self._files[split]
     paths_t, labels_t = tf.constant(paths), tf.constant(labels)
     return lambda i: (tf.io.read_file(tf.gather(paths_t, i)), tf.gather(labels_t, i))

@@ -11,15 +11,11 @@ import os
 from typing import Callable, Iterator, Tuple
 
 import numpy as np
-import tensorflow as tf
 
 from errors import UserError, first_line, setting
-from input_pipeline import augment, order
+from input_pipeline import augment, order, tf_host
 
-# TensorFlow is only a data loader here: it must never grab an accelerator's memory.
-tf.config.set_visible_devices([], 'GPU')
-if tf.config.list_physical_devices('TPU'):
-  tf.config.set_visible_devices([], 'TPU')
+tf = tf_host.module()  # This module is the tf.data path: TensorFlow loads here, off the accelerators.
 
 
 def _options(threads: int) -> tf.data.Options:

@@ -12,6 +12,8 @@ format, and nothing is read whole: the pipeline asks each source only for this p
               downloads and prepares it first only if `config.download` is true.
   - `folder`: `config.data_dir/{train,test|validation|val}/<class>/*.{jpg,jpeg,png}` (`folder.py`).
   - `auto`:   IDX files if present, else a prepared TFDS dataset, else a download if allowed.
+  - `synthetic`: examples generated on the devices with `config.dataset`'s shape and classes, no files and
+              no TensorFlow (`synthetic.py`; for benchmarks and checks).
 """
 
 import os
@@ -92,7 +94,12 @@ def _auto(config) -> Source:
   return tfds_source.load(config)
 
 
-SOURCES = {'auto': _auto, 'idx': _idx, 'tfds': _tfds, 'folder': _folder}
+def _synthetic(config) -> Source:
+  from input_pipeline import synthetic  # JAX: loaded only for this source.
+  return synthetic.load(config)
+
+
+SOURCES = {'auto': _auto, 'idx': _idx, 'tfds': _tfds, 'folder': _folder, 'synthetic': _synthetic}
 
 
 def load(config) -> Source:

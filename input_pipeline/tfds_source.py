@@ -20,10 +20,11 @@ import struct
 from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from errors import UserError, first_line, setting
-from input_pipeline import base
+from input_pipeline import base, tf_host
+
+tf = tf_host.module()  # Before TFDS: TensorFlow off the accelerators.
 
 _EVAL_SPLITS = ('test', 'validation')  # In this order; a test split without labels (label -1) is skipped.
 
@@ -89,14 +90,14 @@ class TFRecordIndex:
 def _records(b, split: str):
   """Indexable serialized records of `split`: the TFRecord index if those files exist, else a data source."""
   from tensorflow_datasets.core import file_adapters
-  from tensorflow_datasets.core.decode import base
+  from tensorflow_datasets.core.decode import base as decode_base
   info = b.info
   if split in info.splits and info.file_format == file_adapters.FileFormat.TFRECORD:
     paths = [os.fspath(p) for p in info.splits[split].filepaths]
     if paths and all(os.path.isfile(p) for p in paths):
       return TFRecordIndex(paths)
   try:
-    return b.as_data_source(split, deserialize_method=base.DeserializeMethod.RAW_BYTES)
+    return b.as_data_source(split, deserialize_method=decode_base.DeserializeMethod.RAW_BYTES)
   except Exception as e:  # Missing split, unsupported format: TFDS raises several types.
     raise UserError(f'cannot read the {split!r} split of TFDS dataset {b.name!r} in {b.data_dir} '
                     f'({e.__class__.__name__}: {first_line(e)[:200]}): prepare it again, or choose an existing '

@@ -120,3 +120,40 @@ def test_rounds_report_the_median_round_and_every_ratio():
   assert 'error' in merged['pmap']
   (line,) = throughput.round_ratios(rows)
   assert line.startswith('shard_map 2 dev batch 128') and '3.00x, 2.00x, 3.00x (median 3.00x)' in line, line
+
+
+def test_device_check_dry_run_on_the_cpu(tmp_path):
+  """benchmarks/device_check.py --platform=cpu on the GPU host's package set (no TensorFlow, TFDS, clu; and
+  ml_collections only as a wheel in --wheels): every section runs and prints, and the CPU compared with itself
+  passes exactly."""
+  import zipfile
+
+  import ml_collections
+
+  from tests import test_lean_host
+  site = str(tmp_path / 'site')
+  test_lean_host.lean_site(site, packages=[p for p in test_lean_host.HOST_PACKAGES if p != 'ml-collections'])
+  wheels = tmp_path / 'wheels'
+  wheels.mkdir()
+  package = os.path.dirname(ml_collections.__file__)
+  with zipfile.ZipFile(wheels / 'ml_collections-0-py3-none-any.whl', 'w') as whl:  # As `pip download` gives it.
+    for folder, _, files in os.walk(package):
+      for name in files:
+        path = os.path.join(folder, name)
+        whl.write(path, os.path.relpath(path, os.path.dirname(package)))
+  path = str(tmp_path / 'check.json')
+  env = dict(_env(), PYTHONPATH=site)
+  proc = subprocess.run([sys.executable, '-S', '-m', 'benchmarks.device_check', '--platform=cpu', f'--json={path}',
+                         f'--wheels={wheels}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  out = proc.stdout
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert out.splitlines()[0].startswith('Device: cpu x 1 (cpu); JAX ') and out.splitlines()[-1].startswith('PASS'), out
+  with open(path) as f:
+    check = json.load(f)
+  assert check['wheels_on_path'] == ['ml_collections-0-py3-none-any.whl']
+  assert set(check['compare']) == {'cnn', 'resnet18'}
+  for row in check['compare'].values():
+    assert row['pass'] and row['same_batches'] and row['max_rel_loss_diff'] == 0 and len(row['losses_cpu']) == 3
+  for name in ('resnet50', 'vit_b16'):
+    assert check[name]['images_per_s'] > 0 and 0 < check[name]['mfu'] < 1, check[name]
+  assert check['generator_images_per_s'] > 0 and set(check['host_overhead']) == {'1', '32'}

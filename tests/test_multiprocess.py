@@ -201,3 +201,21 @@ def test_processes_that_disagree_stop_together_with_one_line(tmp_path, data_dir)
       _refused(procs[i], logs[i], expected[name][i], limit=120)
     assert not os.path.exists(os.path.join(str(tmp_path / name), 'config.json'))
   assert time.monotonic() - t0 < 60  # Within seconds of start-up, not after --distributed_timeout.
+
+
+def test_synthetic_data_on_two_processes_matches_one(tmp_path):
+  """Each process generates only its rows of every batch, on its devices: the same run as one process."""
+  args = ('--config.data_source=synthetic', '--config.synthetic_train_examples=256',
+          '--config.synthetic_eval_examples=40', '--config.num_epochs=1')
+  single = str(tmp_path / 'single')
+  proc = harness.run_train(single, '--num_cpu_devices=8', *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  multi = str(tmp_path / 'multi')
+  logs = [str(tmp_path / f'p{i}.log') for i in (0, 1)]
+  procs = _start_pair(multi, *args, '--config.steps_per_dispatch=2', logs=logs)
+  codes = [p.wait(timeout=300) for p in procs]
+  assert codes == [0, 0], open(logs[0]).read()[-3000:] + open(logs[1]).read()[-3000:]
+  harness.assert_states_close(harness.load_checkpoint(single), harness.load_checkpoint(multi), atol=1e-5)
+  evals = lambda w: [(e['step'], e['test_examples'], round(e['test_loss'], 5)) for e in harness.metrics(w)
+                     if e['kind'] == 'eval']
+  assert evals(multi) == evals(single) and evals(single)[0][:2] == (4, 40)

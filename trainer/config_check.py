@@ -24,7 +24,7 @@ _CHOICES = {
 }
 _POSITIVE_INTS = ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps', 'checkpoint_every_steps',
                   'keep_checkpoints', 'max_steps_in_flight', 'prefetch_batches', 'steps_per_dispatch', 'resnet_width',
-                  'patch_size', 'grad_accum_steps')
+                  'patch_size', 'grad_accum_steps', 'synthetic_train_examples', 'synthetic_eval_examples')
 _NON_NEGATIVE_INTS = ('vit_depth', 'profile_steps', 'fsdp_min_bytes')
 
 

@@ -14,7 +14,7 @@ import optax
 import cpu_kernels
 import plugins
 from errors import UserError, setting
-from input_pipeline import augment, device_feed, order, pipeline, sources
+from input_pipeline import augment, device_feed, order, sources
 from models import create_model, external
 from models.vit import SIZES as VIT_MODELS
 from parallel import mesh as mesh_lib
@@ -62,10 +62,15 @@ class Job:
     """
     c = self.config
     rows = mesh_lib.process_rows(self.mesh, c.batch_size)
+    end = self.total_steps if num_steps is None else num_steps
+    if getattr(self.data, 'on_device', False):
+      from input_pipeline import synthetic
+      return self._generated('train', synthetic.index_batches(self.data.num_examples('train'), c.seed, c.batch_size,
+                                                              rows, start_step, end), sizes)
+    from input_pipeline import pipeline  # tf.data: TensorFlow loads here, not for synthetic data.
     k = device_feed.steps_for_bytes((rows[1] - rows[0]) * (4 * int(np.prod(self.prep.output_shape)) + 4))
     ds = pipeline.train_dataset(self.data, self.prep, seed=c.seed, global_batch=c.batch_size, rows=rows,
-                                start_step=start_step, num_steps=self.total_steps if num_steps is None else num_steps,
-                                threads=c.data_threads, steps_per_element=k)
+                                start_step=start_step, num_steps=end, threads=c.data_threads, steps_per_element=k)
 
     def explain(k, error):
       step = start_step + k  # 0-based position in the stream; the loop calls it step + 1.
@@ -81,6 +86,11 @@ class Job:
     """Placed eval batches: every eval example once, the last batch padded and masked."""
     c = self.config
     rows = mesh_lib.process_rows(self.mesh, c.eval_batch_size)
+    if getattr(self.data, 'on_device', False):
+      idx, mask = order.eval_batches(self.data.num_examples('eval'), c.eval_batch_size)
+      return self._generated('eval', ({'index': i[rows[0]:rows[1]], 'mask': m[rows[0]:rows[1]].astype('float32')}
+                                      for i, m in zip(idx, mask)))
+    from input_pipeline import pipeline
     ds = pipeline.eval_dataset(self.data, self.prep, eval_batch=c.eval_batch_size, rows=rows, threads=c.data_threads)
 
     def explain(k, error):
@@ -90,11 +100,20 @@ class Job:
 
     return self._feed(ds, explain)
 
+  def _generated(self, split, batches, sizes=None) -> device_feed.Prefetcher:
+    """Synthetic data: host index batches placed like any batch, then turned into examples on the devices."""
+    stepper, make = self.stepper, lambda placed: self.data.generate(split, placed)
+    put = lambda batch: make(stepper.place(batch))
+    if sizes is not None:
+      batches = device_feed.grouped(batches, sizes)
+      put = lambda item: make(stepper.place(item[1]) if item[0] == 1 else stepper.place_steps(item[1]))
+    return device_feed.Prefetcher(batches, put, self.config.prefetch_batches)
 
   def _feed(self, ds, explain, sizes=None, stacked=False) -> device_feed.Prefetcher:
     """In-memory arrays (nothing to decode) go several steps per tf.data element; decoded sources one batch
     per element, so that a failing file is found in the batch whose step the error names."""
     depth, stepper = self.config.prefetch_batches, self.stepper
+    from input_pipeline import pipeline
     put = stepper.place
     if sizes is not None:
       put = lambda item: stepper.place(item[1]) if item[0] == 1 else stepper.place_steps(item[1])
@@ -137,7 +156,10 @@ def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
                     f'={accum} micro-batches on each of {n_dev} devices: use a multiple of {accum * n_dev}')
   data = data if data is not None else sources.load(config)
   sources.check_classes(data)
-  prep = augment.Preprocess.from_config(config, data)
+  if getattr(data, 'on_device', False):  # Made at their final size: nothing to resize, augment or normalise.
+    prep = augment.Preprocess(channels=data.channels, native_shape=data.image_shape)
+  else:
+    prep = augment.Preprocess.from_config(config, data)
   _check_patch_size(config, prep.output_shape)
   num_train = data.num_examples('train')
   steps_per_epoch = order.steps_per_epoch(num_train, config.batch_size)

@@ -256,7 +256,11 @@ class Trainer:
       raise
     self._close(preemption)
     if self.is_main and self.config.plot and self.final is not None:
-      logging.info('Learning curves: %s', plots.plot_learning_curves(self.workdir))
+      if plots.available():
+        logging.info('Learning curves: %s', plots.plot_learning_curves(self.workdir))
+      else:
+        logging.warning('Learning curves are off: matplotlib is not installed (%s=False silences this).',
+                        setting('plot'))
     if preemption_lib.received():
       preemption_lib.say(f'{preemption_lib.received()} after the last step: the run is complete and saved.')
     return self.final or {}

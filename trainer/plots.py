@@ -1,7 +1,12 @@
 """Learning curves PNG from metrics.jsonl: people would rather look than read."""
 
+import importlib.util
 import json
 import os
+
+
+def available() -> bool:
+  return importlib.util.find_spec('matplotlib') is not None
 
 
 def plot_learning_curves(workdir: str) -> str:

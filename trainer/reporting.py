@@ -35,7 +35,12 @@ class Reporter:
       raise UserError(f'{self.path} is not a file: move it out of the way (the run appends its metrics there), '
                       'or choose another --workdir')
     self._truncate_after(start_step)
-    from clu import metric_writers  # TensorBoard event files.
+    try:
+      from clu import metric_writers  # TensorBoard event files (clu writes them with TensorFlow).
+    except ImportError as e:  # A lean accelerator host: metrics.jsonl alone.
+      _say_once(f'TensorBoard events are off ({e.__class__.__name__}: {e}); metrics.jsonl has every event. '
+                'Install tensorflow and clu to get them.')
+      return
     self._writer = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def _truncate_after(self, step: int) -> None:
@@ -64,11 +69,22 @@ class Reporter:
     with open(self.path, 'a') as f:
       f.write(json.dumps(event) + '\n')
     scalars = {k: v for k, v in event.items() if k not in ('step', 'time', 'kind') and isinstance(v, (int, float))}
-    self._writer.write_scalars(event['step'], scalars)
+    if self._writer is not None:
+      self._writer.write_scalars(event['step'], scalars)
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+
+
+_SAID = set()
+
+
+def _say_once(line: str) -> None:
+  """A warning printed once per process (a feature turned off for want of a library)."""
+  if line not in _SAID:
+    _SAID.add(line)
+    logging.warning('%s', line)
 
 
 class Throughput:
