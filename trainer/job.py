@@ -46,10 +46,11 @@ class Job:
     `lax.scan`) XLA counts a loop body once, not once per trip, so FLOPs are counted on XLA's convolutions
     (and on flax's BatchNorm, so that `bn_impl` does not change the model's count)."""
     if (models.conv.conv_for(self.config.conv_impl) is lax.conv_general_dilated
-        and models.norm.resolve(self.config.bn_impl) == 'flax'):
+        and models.norm.resolve(self.config.bn_impl) == 'flax' and not self.config.deterministic):
       return self.stepper
     c = self.config.copy_and_resolve_references()
     c.conv_impl, c.bn_impl = 'xla', 'flax'
+    c.deterministic = False  # Its per-slice loops too would be counted once.
     model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=steps.train_bn_axis(c))
     eval_model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=None)
     return steps.make_stepper(c, self.mesh, model, eval_model, self.tx)
@@ -104,6 +105,17 @@ class Job:
     return device_feed.Prefetcher(batches if sizes is None else device_feed.grouped(batches, sizes), put, depth)
 
 
+def model_config(config):
+  """The config the models are built from: `deterministic` resolves conv_impl and bn_impl `auto` to XLA's
+  convolution and flax's BatchNorm (whose modules `parallel/deterministic.py` runs in fixed order);
+  config_check refuses the other kernels there."""
+  if not config.deterministic:
+    return config
+  c = config.copy_and_resolve_references()
+  c.conv_impl, c.bn_impl = 'xla', 'flax'
+  return c
+
+
 def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
   """Resolves `config` (validated by `trainer.config_check`) on `mesh` (default: every device) and `data`
   (default: `config.dataset` from `config.data_source`)."""
@@ -111,6 +123,12 @@ def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
   n_dev = mesh.devices.size
   mesh_lib.check_batch(config.batch_size, n_dev, 'batch_size')
   mesh_lib.check_batch(config.eval_batch_size, n_dev, 'eval_batch_size')
+  if config.deterministic and config.virtual_shards % n_dev:
+    v = config.virtual_shards
+    raise UserError(f'{setting("deterministic")}=True splits every batch into {setting("virtual_shards")}={v} '
+                    f'slices, which do not split over {n_dev} devices: use a device count that divides {v} '
+                    f'({", ".join(str(d) for d in range(1, v + 1) if v % d == 0)}), or a new run with virtual_shards '
+                    f'a multiple of {n_dev}')
   accum = config.grad_accum_steps
   if (config.batch_size // n_dev) % accum:
     raise UserError(f'{setting("batch_size")}={config.batch_size} does not split into {setting("grad_accum_steps")}'
@@ -125,8 +143,9 @@ def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
                     'training examples: use a smaller batch')
   total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  model = create_model(config, num_classes=data.num_classes, bn_axis_name=steps.train_bn_axis(config))
-  eval_model = create_model(config, num_classes=data.num_classes, bn_axis_name=None)
+  net = model_config(config)
+  model = create_model(net, num_classes=data.num_classes, bn_axis_name=steps.train_bn_axis(config))
+  eval_model = create_model(net, num_classes=data.num_classes, bn_axis_name=None)
   tx = optim.make_optimizer(config, total_steps)
   stepper = steps.make_stepper(config, mesh, model, eval_model, tx)
   return Job(config, mesh, data, prep, model, eval_model, tx, stepper, steps_per_epoch, total_steps, eval_every)
