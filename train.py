@@ -56,7 +56,8 @@ flags.DEFINE_bool('verbose', False, 'Show Python tracebacks for input errors, an
 def _auto_cpu_devices(config) -> int:
   """The fastest simulated count here: XLA runs one device's step on about one core (see README)."""
   cap = min(os.cpu_count() or 1, 8)
-  return max(d for d in range(1, cap + 1) if config.batch_size % d == 0 and config.eval_batch_size % d == 0)
+  return max(d for d in range(1, cap + 1) if config.batch_size % d == 0 and config.eval_batch_size % d == 0
+             and (not config.deterministic or config.virtual_shards % d == 0))
 
 
 def main(argv):
@@ -76,7 +77,8 @@ def main(argv):
   if num_cpu == -1:
     num_cpu = _auto_cpu_devices(FLAGS.config) if FLAGS.platform in ('auto', 'cpu') and \
         not FLAGS.coordinator_address and _cpu_only() else 0
-  topology.configure_backend(FLAGS.platform, num_cpu, FLAGS.collective_timeout)
+  topology.configure_backend(FLAGS.platform, num_cpu, FLAGS.collective_timeout,
+                             deterministic=FLAGS.config.deterministic)
   topology.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                   FLAGS.distributed_timeout, FLAGS.heartbeat_timeout, FLAGS.coordinator_bind_address)
   topology.check_devices(FLAGS.platform, num_cpu)

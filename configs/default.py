@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_steps_in_flight = 2       # steps dispatched ahead of the host; bounds CPU collective queues
   c.prefetch_batches = 2          # batches placed on the devices ahead of the step
   c.steps_per_dispatch = 1        # train steps per compiled dispatch (lax.scan); >1 for tiny, host-bound steps
+  c.deterministic = False         # bitwise-identical results on any device/process count (a divisor of
+                                  # virtual_shards); turns cpu_kernels off
+  c.virtual_shards = 8            # deterministic: the global batch's fixed slices (power of two); part of the run
   c.huge_pages = 'off'            # huge pages for host buffers (re-executes train.py once; CPU only): off | on
   # Reporting and checkpoints (trainer/).
   c.log_every_steps = 100

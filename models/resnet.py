@@ -51,6 +51,15 @@ class Bottleneck(nn.Module):
     return nn.relu(x + y)
 
 
+class GlobalAvgPool(nn.Module):
+  """The mean over the spatial axes, as a module: `deterministic=True` runs variable-free modules per slice, and
+  XLA's CPU rounds this reduction differently by the number of rows it sees."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.mean(x, axis=(1, 2))
+
+
 class ResNet(nn.Module):
   stage_sizes: Sequence[int]
   block: Any = BasicBlock
@@ -77,7 +86,7 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         x = self.block(self.width * 2 ** i, 2 if i > 0 and j == 0 else 1, conv, norm)(x)
-    x = jnp.mean(x, axis=(1, 2))
+    x = GlobalAvgPool()(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)(x)
     return x.astype(jnp.float32)
 

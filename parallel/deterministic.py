@@ -12,10 +12,12 @@ same bits under 1, 2, 4 and 8 simulated devices when the program itself does not
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from errors import UserError, setting
 from parallel.mesh import AXIS
 
 
@@ -116,5 +118,100 @@ def _bn_backward(epsilon, axis_name, residuals, cotangents):
   return dx.astype(x.dtype), local[:, 1].astype(scale.dtype), local[:, 0].astype(scale.dtype)
 
 
-
 batch_norm.defvjp(_bn_forward, _bn_backward)
+
+
+def split_slices(x, per: int):
+  """[rows, ...] -> [per, rows / per, ...]: this device's rows as its `per` consecutive slices."""
+  return x.reshape((per, x.shape[0] // per) + x.shape[1:])
+
+
+def _at(tree, path):
+  """The subtree of nested dicts `tree` at module `path`, or None."""
+  for name in path:
+    if not isinstance(tree, dict) or name not in tree:
+      return None
+    tree = tree[name]
+  return tree
+
+
+class SliceWise:
+  """An `nn.intercept_methods` interceptor that runs a flax model slice by slice, with fixed-order BatchNorm.
+
+  The model's own code (glue between modules: ReLU, pooling, reshapes, residual adds) sees this device's whole
+  block of rows; every module call whose variables hold no `batch_stats` runs per slice instead (a `_map`
+  over the `per` slices, each an unbound `apply` with that slice's copy of the params), and `nn.BatchNorm`
+  runs as `batch_norm` (global statistics and backward sums in fixed order, running averages updated as
+  flax does). `stacked` holds the params broadcast to [per, ...] outside the gradient, so the gradients come
+  out per slice for `fixed_sum`. A model without BatchNorm is one per-slice call of the whole model.
+  `check_covered` refuses a model whose params the per-slice calls did not all reach (params owned by a
+  module that also holds a BatchNorm would get their gradient summed in XLA's order).
+  """
+
+  def __init__(self, stacked, batch_stats, per: int, key=None, first_slice=0):
+    self.stacked, self.batch_stats, self.per, self.key, self.first = stacked, batch_stats, per, key, first_slice
+    self.covered = set()
+    self._inside = 0
+
+  def __call__(self, next_fun, args, kwargs, context):
+    m = context.module
+    if self._inside or context.method_name != '__call__' or m.is_initializing():
+      return next_fun(*args, **kwargs)
+    path = tuple(m.scope.path)
+    if isinstance(m, nn.BatchNorm):
+      return self._batch_norm(next_fun, m, path, *args, **kwargs)
+    stats = _at(self.batch_stats, path)
+    if stats:
+      if any(not isinstance(v, dict) for v in stats.values()):
+        raise UserError(f'{setting("deterministic")}=True supports flax.linen.BatchNorm only, but module '
+                        f'{"/".join(path) or type(m).__name__} ({type(m).__name__}) keeps batch statistics of its '
+                        'own: use nn.BatchNorm in the model, or deterministic=False')
+      return next_fun(*args, **kwargs)  # Holds a BatchNorm deeper down: its own code runs on the whole block.
+    self.covered.add(path)
+    return self._per_slice(m, path, args, kwargs)
+
+  def _per_slice(self, m, path, args, kwargs):
+    x, rest = args[0], args[1:]
+    rows = x.shape[0]
+    params = _at(self.stacked, path) or {}
+    unbound = m.clone(parent=None)
+
+    def one(a):
+      p, xs, i = a
+      rngs = {'dropout': jax.random.fold_in(self.key, i)} if self.key is not None else None
+      self._inside += 1
+      try:
+        return unbound.apply({'params': p} if p else {}, xs, *rest, rngs=rngs, **kwargs)
+      finally:
+        self._inside -= 1
+    ys = _map(one, (params, split_slices(x, self.per), self.first + jnp.arange(self.per)))
+    return jax.tree.map(lambda y: y.reshape((rows,) + y.shape[2:]), ys)
+
+  def _batch_norm(self, next_fun, m, path, x, use_running_average=None, *, mask=None):
+    if nn.merge_param('use_running_average', m.use_running_average, use_running_average):
+      return next_fun(x, use_running_average, mask=mask)
+    if mask is not None or m.axis not in (-1, x.ndim - 1) or m.axis_index_groups is not None or \
+        not m.use_fast_variance:
+      raise UserError(f'{setting("deterministic")}=True supports nn.BatchNorm over the last axis (no mask, '
+                      f'axis_index_groups or use_fast_variance=False); module {"/".join(path)} uses another form: '
+                      'change the model, or use deterministic=False')
+    self.covered.add(path)
+    params = _at(self.stacked, path) or {}
+    c = x.shape[-1]
+    scale = params['scale'] if m.use_scale else jnp.ones((self.per, c), jnp.float32)
+    bias = params['bias'] if m.use_bias else jnp.zeros((self.per, c), jnp.float32)
+    y, mean, var = batch_norm(split_slices(x, self.per), scale, bias, m.epsilon)
+    ra_mean, ra_var = m.get_variable('batch_stats', 'mean'), m.get_variable('batch_stats', 'var')
+    m.put_variable('batch_stats', 'mean', m.momentum * ra_mean + (1 - m.momentum) * lax.stop_gradient(mean))
+    m.put_variable('batch_stats', 'var', m.momentum * ra_var + (1 - m.momentum) * lax.stop_gradient(var))
+    return y.reshape(x.shape).astype(m.dtype or x.dtype)
+
+  def check_covered(self, params) -> None:
+    """Every param must belong to a per-slice module or a BatchNorm (see the class doc)."""
+    for keys, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+      names = tuple(str(getattr(k, 'key', k)) for k in keys)
+      if not any(names[:i] in self.covered for i in range(len(names))):
+        raise UserError(f'{setting("deterministic")}=True cannot sum the gradient of param {"/".join(names)} in '
+                        'fixed order: it belongs to a module that also holds a BatchNorm; move it into a '
+                        'submodule of its own (e.g. an nn.Dense or a self.param in a small module), or use '
+                        'deterministic=False')

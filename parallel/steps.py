@@ -25,6 +25,7 @@ import dataclasses
 import functools
 from typing import Callable, Dict, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +34,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from errors import UserError, setting
+from parallel import deterministic
 from parallel import mesh as mesh_lib
 from parallel import sharding as sharding_lib
 from parallel.mesh import AXIS, replicated
@@ -49,10 +51,12 @@ class StepOptions:
   grad_accum_steps: int = 1
   ema_decay: float = 0.0
   eval_flip: bool = False
+  virtual_shards: int = 0  # `deterministic`: the V slices of every batch (0 = off; see `_fixed_train_body`).
 
   @classmethod
   def from_config(cls, config) -> 'StepOptions':
-    return cls(config.label_smoothing, config.grad_accum_steps, config.ema_decay, config.eval_flip)
+    return cls(config.label_smoothing, config.grad_accum_steps, config.ema_decay, config.eval_flip,
+               config.virtual_shards if config.deterministic else 0)
 
 
 def cross_entropy(logits, labels, label_smoothing: float = 0.0):
@@ -132,18 +136,76 @@ def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool, opts: St
     (new_stats, grad_sum, loss_sum, correct), _ = lax.scan(accumulate, init, (jnp.arange(k), micro_batches(batch, k)))
     grads = jax.tree.map(lambda g: g / k, grad_sum)
   grads = reduce.mean(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema_params = ema_update(state.ema_params, params, opts.ema_decay) if opts.ema_decay else state.ema_params
   if local_bn:
     new_stats = jax.tree.map(lambda x: x[None], new_stats)
   metrics = {'loss_sum': reduce.sum(loss_sum),
              'correct': reduce.sum(correct),
              'count': reduce.sum(jnp.asarray(labels.shape[0], jnp.int32)),
              'finite': reduce.min(jnp.isfinite(loss_sum).astype(jnp.int32))}
-  new_state = state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
-                            ema_params=ema_params)
-  return new_state, metrics
+  return _update(state, grads, new_stats, tx, opts), metrics
+
+
+def _update(state: TrainState, grads, new_stats, tx, opts: StepOptions) -> TrainState:
+  """The optimizer and EMA step after the gradients are reduced (replicated, elementwise: any order is fixed)."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema_params = ema_update(state.ema_params, params, opts.ema_decay) if opts.ema_decay else state.ema_params
+  return state.replace(step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state,
+                       ema_params=ema_params)
+
+
+def _fixed_train_body(state: TrainState, batch, *, model, tx, opts: StepOptions, per: int, **_):
+  """`deterministic`: one device's step whose bits do not depend on the device or process count.
+
+  The global batch is V = `opts.virtual_shards` slices of equal size; this device holds `per` = V / devices
+  consecutive ones. The model runs slice by slice (`deterministic.SliceWise`: every module without BatchNorm
+  per slice, BatchNorm with fixed-order statistics and backward sums), the loss and metrics per slice, and
+  every sum over slices (gradients, loss, correct predictions) takes `deterministic.fixed_sum`'s one tree.
+  Gradients are taken w.r.t. the params broadcast to [per, ...], so they come out per slice. Micro-batches
+  (`grad_accum_steps`) are the strided ones of `micro_batches`, cut into the same V slices; per-slice
+  gradients and metrics add up over them in order, then one fixed sum. Dropout keys are per global slice.
+  """
+  labels = batch['label']
+  global_rows = labels.shape[0] * opts.virtual_shards // per
+  first = lax.axis_index(AXIS) * per
+  rng = jax.random.fold_in(state.rng, state.step)
+  stacked = jax.tree.map(lambda p: jnp.broadcast_to(p, (per,) + p.shape), state.params)
+
+  def grads_of(stats, micro, key):
+    def loss_fn(stacked):
+      slicer = deterministic.SliceWise(stacked, stats, per, key, first)
+      with nn.intercept_methods(slicer):
+        logits, updates = model.apply({'params': state.params, 'batch_stats': stats}, micro['image'], train=True,
+                                      mutable=['batch_stats'], rngs={'dropout': key})
+      slicer.check_covered(state.params)
+
+      def one(lg, lb):
+        return (jnp.sum(cross_entropy(lg, lb, opts.label_smoothing)),
+                jnp.sum(jnp.argmax(lg, -1) == lb).astype(jnp.int32))
+      loss_sums, correct = deterministic.scan_slices(one, deterministic.split_slices(logits, per),
+                                                     deterministic.split_slices(micro['label'], per))
+      return jnp.sum(loss_sums) / global_rows, (loss_sums, correct, updates['batch_stats'])
+
+    (_, (loss_sums, correct, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(stacked)
+    return new_stats, grads, loss_sums, correct
+
+  k = opts.grad_accum_steps
+  if k == 1:
+    new_stats, grads, loss_sums, correct = grads_of(state.batch_stats, batch, rng)
+  else:
+    def accumulate(carry, xs):
+      stats, grad_sum, loss_sum, correct = carry
+      j, micro = xs
+      stats, grads, micro_loss, micro_correct = grads_of(stats, micro, jax.random.fold_in(rng, j))
+      return (stats, jax.tree.map(jnp.add, grad_sum, grads), loss_sum + micro_loss, correct + micro_correct), None
+
+    init = (state.batch_stats, jax.tree.map(jnp.zeros_like, stacked), jnp.zeros((per,), jnp.float32),
+            jnp.zeros((per,), jnp.int32))
+    (new_stats, grads, loss_sums, correct), _ = lax.scan(accumulate, init, (jnp.arange(k), micro_batches(batch, k)))
+  grads, loss_sum, correct = deterministic.fixed_sum((grads, loss_sums, correct))
+  metrics = {'loss_sum': loss_sum, 'correct': correct, 'count': jnp.asarray(global_rows, jnp.int32),
+             'finite': jnp.isfinite(loss_sum).astype(jnp.int32)}
+  return _update(state, grads, new_stats, tx, opts), metrics
 
 
 def _eval_body(state: TrainState, batch, *, model, use_ema: bool = False, flip: bool = False,
@@ -167,6 +229,15 @@ def _eval_body(state: TrainState, batch, *, model, use_ema: bool = False, flip: 
   return sums
 
 
+def _fixed_eval_body(state: TrainState, batch, *, model, use_ema: bool = False, flip: bool = False, per: int,
+                     **_):
+  """`deterministic`: `_eval_body`'s sums, computed per slice (the whole model in one `lax.map` over this
+  device's `per` slices) and added in `deterministic.fixed_sum`'s order."""
+  per_slice = lambda one: _eval_body(state, one, model=model, use_ema=use_ema, flip=flip, reduce=GLOBAL)
+  slices = jax.tree.map(lambda x: deterministic.split_slices(x, per), batch)
+  return deterministic.fixed_sum(deterministic.scan_slices(per_slice, slices))
+
+
 class Stepper:
   """Compiled train/eval steps, batch placement and state layout for one backend (a subclass).
 
@@ -180,10 +251,15 @@ class Stepper:
     self.num_devices = mesh.devices.size
     self.local_devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
     self._splitters = {}
-    self._train = functools.partial(_train_body, model=model, tx=tx, local_bn=self.local_bn and self.stacks_bn,
-                                    opts=options, reduce=self.reductions)
-    self._evaluate = functools.partial(_eval_body, model=eval_model, use_ema=options.ema_decay > 0,
-                                       flip=options.eval_flip, reduce=self.reductions)
+    self.fixed_order = options.virtual_shards > 0
+    train_body, eval_body, fixed = _train_body, _eval_body, {}
+    if self.fixed_order:  # Per-device bodies under every backend (jit wraps them in a shard_map).
+      train_body, eval_body = _fixed_train_body, _fixed_eval_body
+      fixed = dict(per=options.virtual_shards // self.num_devices)
+    self._train = functools.partial(train_body, model=model, tx=tx, local_bn=self.local_bn and self.stacks_bn,
+                                    opts=options, reduce=self.reductions, **fixed)
+    self._evaluate = functools.partial(eval_body, model=eval_model, use_ema=options.ema_decay > 0,
+                                       flip=options.eval_flip, reduce=self.reductions, **fixed)
 
   stacks_bn = True  # Whether local-BN stats carry an explicit device axis inside the body.
   reductions = PER_DEVICE
@@ -354,9 +430,15 @@ class JitStepper(GlobalBatches, Stepper):
                                   axis_types=(jax.sharding.AxisType.Auto,) * len(mesh.axis_names))
     self._replicated = replicated(self.mesh)
     self._reshards = {}
-    self.train_step = jax.jit(self._global_step(self._train), donate_argnums=0)
-    self.train_steps = jax.jit(self._global_step(self._train_scan), donate_argnums=0)
-    self._eval = jax.jit(lambda state, batch: self._metrics_out(self._evaluate(state, batch)))
+    train, train_scan, evaluate = self._train, self._train_scan, self._evaluate
+    if self.fixed_order:  # The fixed-order sums are per-device code: run them in a shard_map inside the jit.
+      smap = functools.partial(jax.shard_map, mesh=self.mesh, check_vma=False)
+      train = smap(train, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+      train_scan = smap(train_scan, in_specs=(P(), P(None, AXIS)), out_specs=(P(), P()))
+      evaluate = smap(evaluate, in_specs=(P(), P(AXIS)), out_specs=P())
+    self.train_step = jax.jit(self._global_step(train), donate_argnums=0)
+    self.train_steps = jax.jit(self._global_step(train_scan), donate_argnums=0)
+    self._eval = jax.jit(lambda state, batch: self._metrics_out(evaluate(state, batch)))
 
   reductions = GLOBAL
 

@@ -22,10 +22,14 @@ from errors import UserError, first_line
 from cpu_kernels import malloc
 
 PLATFORMS = ('auto', 'cpu', 'gpu', 'tpu')
+GPU_DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
 
 
-def configure_backend(platform: str = 'auto', num_cpu_devices: int = 0, collective_timeout_s: int = 60) -> None:
-  """Applies platform, simulated device count and XLA collective timeouts; call before JAX starts."""
+def configure_backend(platform: str = 'auto', num_cpu_devices: int = 0, collective_timeout_s: int = 60,
+                      deterministic: bool = False) -> None:
+  """Applies platform, simulated device count and XLA collective timeouts; call before JAX starts.
+  `deterministic` (the config field) also asks XLA for deterministic GPU kernels (no atomics in reductions
+  and scatters, deterministic cuDNN/cuBLAS algorithms); the CPU backend ignores the flag."""
   import jax  # Importing is fine; the backend starts on first use.
   if platform not in PLATFORMS:
     raise UserError(f'unknown --platform={platform}: use one of {", ".join(PLATFORMS)}')
@@ -45,6 +49,8 @@ def configure_backend(platform: str = 'auto', num_cpu_devices: int = 0, collecti
   flags = [f'--xla_cpu_collective_timeout_seconds={t}',
            f'--xla_cpu_collective_call_terminate_timeout_seconds={t}',
            f'--xla_cpu_collective_call_warn_stuck_timeout_seconds={max(t // 3, 1)}']
+  if deterministic:
+    flags.append(GPU_DETERMINISTIC_FLAG)
   existing = os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = ' '.join([existing] + [f for f in flags if f.split('=')[0] not in existing]).strip()
   malloc.keep_freed_memory()

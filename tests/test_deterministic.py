@@ -104,3 +104,137 @@ def test_scan_slices_gradients_same_bits():
     return deterministic.fixed_sum(deterministic.scan_slices(slice_grad, xs, ys))
 
   _assert_same_bits([_run(per_device, n, xs, ys, replicated=(params,)) for n in COUNTS])
+
+
+
+# --- deterministic=True in the trainer's steps (in process, sub-meshes of the 8 simulated devices) ----------------
+
+from configs import default  # noqa: E402
+from input_pipeline import sources  # noqa: E402
+from trainer import checkpoints, config_check, job as job_lib  # noqa: E402
+from errors import UserError  # noqa: E402
+
+
+def _job_run(n, model='mlp', backend='shard_map', steps=4, hw=8, batch=32, **overrides):
+  """`steps` train steps (one of them a 2-step `train_steps` dispatch) and one eval of the trainer's own job on
+  n devices: (every leaf of the canonical state, the per-step train metrics, the eval sums), all numpy."""
+  rng = np.random.default_rng(0)
+  shapes = np.zeros((batch, hw, hw, 1), np.uint8)
+  labels = np.arange(batch, dtype=np.int32) % 10
+  data = sources.InMemoryDataset(shapes, labels, shapes[:8], labels[:8], num_classes=10, source='test')
+  c = default.get_config()
+  c.update(dict(model=model, parallel_backend=backend, batch_size=batch, eval_batch_size=batch, lr_schedule='constant',
+                num_train_steps=100, deterministic=True, learning_rate=0.05, momentum=0.9, resnet_width=8,
+                resnet_stages='1,1'), **overrides)
+  job = job_lib.build(c, mesh=mesh_lib.make_mesh(n), data=data)
+  stepper = job.stepper
+  state = stepper.to_device(job.initial_state())
+  lo, hi = mesh_lib.process_rows(job.mesh, batch)
+  batches = [{'image': rng.random((batch, hw, hw, 1), dtype=np.float32)[lo:hi],
+              'label': rng.integers(0, 10, batch).astype(np.int32)[lo:hi]} for _ in range(steps)]
+  metrics = []
+  for b in batches[:-2]:
+    state, m = stepper.train_step(state, stepper.place(b))
+    metrics.append(stepper.metrics(m))
+  state, m = stepper.train_steps(state, stepper.place_steps({k: np.stack([b[k] for b in batches[-2:]])
+                                                             for k in batches[0]}))
+  metrics.append(stepper.metrics(m))
+  eval_batch = dict(batches[0], mask=np.ones(hi - lo, np.float32))
+  sums = stepper.eval_step(stepper.eval_state(state), stepper.place(eval_batch))
+  state = jax.device_get(stepper.to_canonical(state))
+  leaves = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
+      (state.params, state.batch_stats, state.opt_state, state.ema_params))}
+  return leaves, metrics, sums
+
+
+def _assert_bits(ref, got, what):
+  for part, a, b in zip(('state', 'train metrics', 'eval sums'), ref, got):
+    flat_a = jax.tree_util.tree_leaves_with_path(a)
+    flat_b = jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b), (what, part)
+    bad = [jax.tree_util.keystr(k) for (k, x), y in zip(flat_a, flat_b) if not np.array_equal(x, y)]
+    assert not bad, f'{what}: {part} differ from 1 device in {bad[:5]}'
+
+
+RECIPE = dict(grad_accum_steps=2, ema_decay=0.8, eval_flip=True, label_smoothing=0.1)
+
+
+def test_trainer_steps_same_bits_on_1_2_4_8_devices_and_every_backend():
+  """The MLP (BatchNorm) with micro-batches, EMA, k steps per dispatch, eval_flip: params, BN statistics,
+  optimizer state, EMA, train metrics and eval sums bitwise equal on 1, 2, 4, 8 devices under shard_map, pmap
+  and jit (replicated and FSDP)."""
+  ref = _job_run(1, **RECIPE)
+  for n, backend, extra in ((2, 'shard_map', {}), (4, 'shard_map', {}), (8, 'shard_map', {}), (8, 'pmap', {}),
+                            (2, 'pmap', {}), (4, 'jit', {}), (8, 'jit', dict(shard_params='fsdp', fsdp_min_bytes=0))):
+    _assert_bits(ref, _job_run(n, backend=backend, **RECIPE, **extra), f'{n} devices {backend} {extra}')
+
+
+def test_deterministic_math_is_the_plain_step():
+  """The fixed order changes the rounding, not the math: within 1e-5 of the plain step (cpu_kernels off)."""
+  det = _job_run(2, **RECIPE)
+  plain = _job_run(2, **RECIPE, deterministic=False, cpu_kernels='off')
+  for k in det[0]:
+    np.testing.assert_allclose(det[0][k], plain[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
+  for a, b in zip(det[1], plain[1]):
+    np.testing.assert_allclose(a['loss_sum'], b['loss_sum'], rtol=1e-5)
+  # And the plain step does round by topology, so the test above is not trivially passing.
+  other = _job_run(8, **RECIPE, deterministic=False, cpu_kernels='off')
+  assert any(not np.array_equal(plain[0][k], other[0][k]) for k in plain[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('model', ['cnn', 'resnet18'])
+def test_cnn_and_resnet_same_bits_over_50_steps(model):
+  """The default CNN (global BatchNorm) and a narrow ResNet on 8x8 images, 50 steps: bits equal on 1/2/4/8
+  devices (shard_map) and on pmap and jit."""
+  ref = _job_run(1, model=model, steps=50)
+  for n, backend in ((2, 'shard_map'), (4, 'shard_map'), (8, 'shard_map'), (8, 'pmap'), (4, 'jit')):
+    _assert_bits(ref, _job_run(n, model=model, backend=backend, steps=50), f'{model} {n} devices {backend}')
+
+
+@pytest.mark.parametrize('overrides, match', [
+    (dict(virtual_shards=6), 'power of two'),
+    (dict(batch_size=100), 'virtual_shards=8 equal slices'),
+    (dict(batch_size=64, grad_accum_steps=16), 'use a multiple of 128'),
+    (dict(eval_batch_size=1001), 'eval_batch_size'),
+    (dict(bn_mode='local'), 'bn_mode=global'),
+])
+def test_config_refusals(overrides, match):
+  c = default.get_config()
+  c.update(deterministic=True, **overrides)
+  with pytest.raises(UserError, match=match) as e:
+    config_check.validate(c)
+  assert '\n' not in str(e.value)
+
+
+def test_defaults_allow_1_2_4_8_devices_at_batch_128_and_64():
+  for batch in (128, 64):
+    c = default.get_config()
+    c.update(deterministic=True, batch_size=batch)
+    config_check.validate(c)
+    assert all(c.virtual_shards % n == 0 and batch % c.virtual_shards == 0 for n in (1, 2, 4, 8))
+
+
+def test_device_count_that_does_not_divide_the_shards_is_refused():
+  images = np.zeros((32, 8, 8, 1), np.uint8)
+  labels = np.arange(32, dtype=np.int32) % 10
+  data = sources.InMemoryDataset(images, labels, images[:8], labels[:8], num_classes=10, source='test')
+  c = default.get_config()
+  c.update(model='mlp', deterministic=True, virtual_shards=2, batch_size=32, eval_batch_size=32)
+  with pytest.raises(UserError, match='do not split over 4 devices: use a device count that divides 2 \\(1, 2\\)'):
+    job_lib.build(c, mesh=mesh_lib.make_mesh(4), data=data)
+
+
+def test_fingerprint_records_the_reduction_order():
+  c = default.get_config()
+  plain = {'reduction_order': checkpoints.reduction_order(c)}
+  c.deterministic = True
+  eight = {'reduction_order': checkpoints.reduction_order(c)}
+  c.virtual_shards = 16
+  sixteen = {'reduction_order': checkpoints.reduction_order(c)}
+  shapes = {'model': 'cnn', 'dataset': 'd', 'optimizer': 'sgd', 'shapes': {}, 'data': {'classes': []}}
+  fp = lambda extra: dict(shapes, **extra)
+  assert checkpoints._describe_mismatch(fp(eight), fp(eight)) == ''
+  assert 'virtual_shards=8' in checkpoints._describe_mismatch(fp(eight), fp(sixteen))
+  assert 'topology' in checkpoints._describe_mismatch(fp(plain), fp(eight))
+  assert checkpoints._describe_mismatch(shapes, fp(plain)) == ''  # Older checkpoints: sums in topology order.

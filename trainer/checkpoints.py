@@ -51,7 +51,17 @@ def fingerprint(config, state, data_identity: dict) -> dict:
       {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
        'ema_params': state.ema_params})}  # No EMA: {} adds no entry, so fingerprints match older runs.
   return {'model': config.model, 'dataset': config.dataset, 'optimizer': config.optimizer, 'shapes': shapes,
-          'config': json.loads(json.dumps(frozen)), 'data': data_identity}
+          'config': json.loads(json.dumps(frozen)), 'data': data_identity,
+          'reduction_order': reduction_order(config)}
+
+
+def reduction_order(config) -> str:
+  """How the run's sums are ordered: 'fixed over V slices' with `deterministic` (its bits depend on V, never
+  on the topology), else 'topology'. A resume that changes it is refused: the continued run would match no
+  uninterrupted one."""
+  if config.get('deterministic', False):
+    return f'fixed over virtual_shards={config.virtual_shards} slices'
+  return 'topology'
 
 
 def data_summary(identity: dict) -> dict:
@@ -101,6 +111,9 @@ def _describe_mismatch(saved: dict, current: dict) -> str:
   for key in ('model', 'dataset', 'optimizer'):
     if key in saved and saved[key] != current[key]:
       return f'{key} {saved[key]!r} (this run: {current[key]!r})'
+  if saved.get('reduction_order', 'topology') != current.get('reduction_order', 'topology'):
+    return (f'sums in {saved.get("reduction_order", "topology")} order (this run: {current["reduction_order"]}; '
+            f'set by {setting("deterministic")} and {setting("virtual_shards")})')
   classes = saved.get('data', {}).get('classes')
   if classes is not None and list(classes) != list(current['data']['classes']):
     return _class_mismatch(list(classes), list(current['data']['classes']))

@@ -63,6 +63,7 @@ def validate(config) -> None:
     if not isinstance(config[key], int) or (config[key] < 1 and config[key] != -1):
       _fail(key, config[key], 'must be >= 1, or -1 for the default')
   _check_jit(config)
+  _check_deterministic(config)
   lr = config.learning_rate
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
     _fail('learning_rate', lr, 'must be a finite number > 0')
@@ -114,3 +115,24 @@ def _check_jit(config) -> None:
   if config.shard_params != 'none' and config.parallel_backend != 'jit':
     _fail('shard_params', config.shard_params, f'needs {setting("parallel_backend")}=jit (shard_map and pmap keep '
           'the state replicated): add --config.parallel_backend=jit, or use shard_params=none')
+
+
+def _check_deterministic(config) -> None:
+  """Fixed-order training: V a power of two that the batches split into, and only the pieces it can order."""
+  v = config.virtual_shards
+  if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1):
+    _fail('virtual_shards', v, 'must be a power of two >= 1 (e.g. 8: allows 1, 2, 4 or 8 devices)')
+  if not isinstance(config.deterministic, bool):
+    _fail('deterministic', config.deterministic, 'must be True or False')
+  if not config.deterministic:
+    return
+  need = f'with {setting("deterministic")}=True'
+  accum = config.grad_accum_steps if isinstance(config.grad_accum_steps, int) else 1
+  for key, parts in (('batch_size', v * accum), ('eval_batch_size', v)):
+    if config[key] % parts:
+      split = f'{v} slices x {accum} micro-batches' if key == 'batch_size' and accum > 1 else f'{v} slices'
+      _fail(key, config[key], f'must split into {setting("virtual_shards")}={v} equal slices {need} ({split}): '
+            f'use a multiple of {parts}, or another virtual_shards')
+  if config.bn_mode != 'global':
+    _fail('bn_mode', config.bn_mode, f'per-device statistics depend on the device count: use bn_mode=global '
+          f'{need}')

@@ -47,11 +47,16 @@ class Job:
 
   def flops_stepper(self) -> steps.Stepper:
     """A stepper of the same math for XLA's cost analysis: with cpu_kernels' chunked kernel gradients (a
-    `lax.scan`) XLA counts a loop body once, not once per trip, so FLOPs are counted on the plain model (which
-    also keeps the hand-written BatchNorm from changing the model's count)."""
-    if not isinstance(self.model, cpu_kernels.Plugged):
+    `lax.scan`) or deterministic mode's per-slice loops, XLA counts a loop body once, not once per trip, so FLOPs
+    are counted on the plain model in the default order (which also keeps the hand-written BatchNorm from
+    changing the model's count)."""
+    if not isinstance(self.model, cpu_kernels.Plugged) and not self.config.deterministic:
       return self.stepper
-    return steps.make_stepper(self.config, self.mesh, self.model.model, self.eval_model.model, self.tx)
+    c = self.config.copy_and_resolve_references()
+    c.cpu_kernels, c.deterministic = 'off', False
+    model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=steps.train_bn_axis(c))
+    eval_model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=None)
+    return steps.make_stepper(c, self.mesh, model, eval_model, self.tx)
 
   def train_feed(self, start_step: int, num_steps: Optional[int] = None,
                  sizes: Optional[Iterable[int]] = None) -> device_feed.Prefetcher:
@@ -143,6 +148,16 @@ def _check_batch_norm(config, state) -> None:
                     f'or use {setting("parallel_backend")}=jit (global statistics) or {setting("bn_mode")}=local')
 
 
+def model_config(config):
+  """The config the models are built from: `deterministic` turns `cpu_kernels` off, so that the models' plain
+  nn.Conv and nn.BatchNorm are what `parallel/deterministic.py` runs in fixed order."""
+  if not config.deterministic:
+    return config
+  c = config.copy_and_resolve_references()
+  c.cpu_kernels = 'off'
+  return c
+
+
 def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
   """Resolves `config` (validated by `trainer.config_check`) on `mesh` (default: every device) and `data`
   (default: `config.dataset` from `config.data_source`)."""
@@ -150,6 +165,12 @@ def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
   n_dev = mesh.devices.size
   mesh_lib.check_batch(config.batch_size, n_dev, 'batch_size')
   mesh_lib.check_batch(config.eval_batch_size, n_dev, 'eval_batch_size')
+  if config.deterministic and config.virtual_shards % n_dev:
+    v = config.virtual_shards
+    raise UserError(f'{setting("deterministic")}=True splits every batch into {setting("virtual_shards")}={v} '
+                    f'slices, which do not split over {n_dev} devices: use a device count that divides {v} '
+                    f'({", ".join(str(d) for d in range(1, v + 1) if v % d == 0)}), or a new run with virtual_shards '
+                    f'a multiple of {n_dev}')
   accum = config.grad_accum_steps
   if (config.batch_size // n_dev) % accum:
     raise UserError(f'{setting("batch_size")}={config.batch_size} does not split into {setting("grad_accum_steps")}'
@@ -168,8 +189,9 @@ def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
                     'training examples: use a smaller batch')
   total_steps = config.num_train_steps if config.num_train_steps > 0 else config.num_epochs * steps_per_epoch
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
-  model = create_model(config, num_classes=data.num_classes, bn_axis_name=steps.train_bn_axis(config))
-  eval_model = create_model(config, num_classes=data.num_classes, bn_axis_name=None)
+  net = model_config(config)
+  model = create_model(net, num_classes=data.num_classes, bn_axis_name=steps.train_bn_axis(config))
+  eval_model = create_model(net, num_classes=data.num_classes, bn_axis_name=None)
   tx = optim.make_optimizer(config, total_steps)
   stepper = steps.make_stepper(config, mesh, model, eval_model, tx)
   return Job(config, mesh, data, prep, model, eval_model, tx, stepper, steps_per_epoch, total_steps, eval_every)
