@@ -46,6 +46,7 @@ def fake_mnist_dir(tmp_path):
 def gcs_server():
   """A real fake-gcs-server on a free port, for the whole session (each test takes its own bucket)."""
   from tests import storage_servers
+  os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')  # As storage.configure() does (emulator).
   server = storage_servers.start_gcs()
   yield server
   server.stop()
