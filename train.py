@@ -28,6 +28,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import paths  # noqa: E402
+import storage  # noqa: E402  (no imports of fsspec until a URL is used: light)
 from cpu_kernels import malloc  # noqa: E402
 from errors import UserError, first_line  # noqa: E402
 from parallel import agreement, topology  # noqa: E402
@@ -69,6 +70,7 @@ def main(argv):
     raise UserError('--workdir is required: the directory for checkpoints and metrics')
   FLAGS.workdir = paths.resolve_path(FLAGS.workdir)  # `~` expanded, absolute: what every later use (and the log) sees.
   reporting.quiet_library_logs(keep_tracebacks=FLAGS.verbose)
+  storage.configure()  # Before Orbax/TFDS/tensorstore load: bucket paths take fsspec and the user's endpoint.
   from trainer import config_check  # Bad values fail here, before any device, process or file is touched.
   config_check.validate(FLAGS.config)
   malloc.restart_for(FLAGS.config)  # May re-exec this command (huge pages): before any lock or file.

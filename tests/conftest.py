@@ -40,3 +40,39 @@ def make_fake_mnist(directory: str, num_train: int = 512, num_test: int = 100, s
 @pytest.fixture
 def fake_mnist_dir(tmp_path):
   return make_fake_mnist(str(tmp_path / 'fake_mnist'))
+
+
+@pytest.fixture(scope='session')
+def gcs_server():
+  """A real fake-gcs-server on a free port, for the whole session (each test takes its own bucket)."""
+  from tests import storage_servers
+  os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')  # As storage.configure() does (emulator).
+  server = storage_servers.start_gcs()
+  yield server
+  server.stop()
+
+
+@pytest.fixture(scope='session')
+def s3_server():
+  """A real moto S3 server on a free port, for the whole session (each test takes its own bucket)."""
+  from tests import storage_servers
+  server = storage_servers.start_s3()
+  yield server
+  server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, monkeypatch):
+  """gs://BUCKET of a new bucket, with STORAGE_EMULATOR_HOST (alone, as a user sets it) pointing at the server."""
+  for k, v in gcs_server.env.items():
+    monkeypatch.setenv(k, v)
+  monkeypatch.setenv('EPATH_USE_TF', 'false')
+  return f'gs://{gcs_server.new_bucket()}'
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch):
+  """s3://BUCKET of a new bucket, with AWS_ENDPOINT_URL and dummy credentials pointing at the server."""
+  for k, v in s3_server.env.items():
+    monkeypatch.setenv(k, v)
+  return f's3://{s3_server.new_bucket()}'

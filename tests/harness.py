@@ -20,6 +20,8 @@ def _env():
   for name in libenv.QUIET:  # Children start as a user's shell does: train.py must quiet the libraries itself.
     env.pop(name, None)
   env.pop('XLA_FLAGS', None)  # The parent's 8-device flags must not leak into the child.
+  for name in ('EPATH_USE_TF', 'TENSORSTORE_GCS_HTTP_URL'):  # train.py sets them from what a user sets.
+    env.pop(name, None)
   return env
 
 
@@ -46,11 +48,13 @@ def free_port() -> int:
 
 
 def metrics(workdir):
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  """The events of WORKDIR/metrics.jsonl (a local path or a bucket URL); [] when there is none yet."""
+  import storage
+  try:
+    text = storage.read_text(storage.join(workdir, 'metrics.jsonl'))
+  except FileNotFoundError:
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def wait_for(predicate, timeout=120, interval=0.01):
@@ -63,8 +67,8 @@ def wait_for(predicate, timeout=120, interval=0.01):
 
 
 def checkpoint_steps(workdir):
-  d = os.path.join(workdir, 'checkpoints')
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+  import storage
+  return sorted(int(n) for n in storage.listdir(storage.join(workdir, 'checkpoints')) if n.isdigit())
 
 
 def workdir_files(workdir) -> dict:
@@ -84,7 +88,9 @@ def load_checkpoint(workdir, step=None) -> dict:
   """Flat {path: numpy array} of a saved train state (read on the host, no devices needed)."""
   import orbax.checkpoint as ocp
   step = step if step is not None else checkpoint_steps(workdir)[-1]
-  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  import storage
+  storage.configure()  # A bucket workdir: the same route train.py takes.
+  path = storage.join(workdir, 'checkpoints', str(step), 'state')
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ckptr.metadata(path)
     tree = meta.item_metadata.tree if hasattr(meta, 'item_metadata') else meta.tree

@@ -12,8 +12,6 @@ in Orbax's background thread) stops the run with one `SaveFailed` line instead o
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from typing import Optional
 
@@ -24,6 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+import storage
 from errors import UserError, first_line, setting
 from parallel import agreement
 from trainer import workdir as workdir_lib
@@ -156,7 +155,7 @@ class Checkpoints:
   """Saves and restores canonical (replicated) train states; every process must call every method."""
 
   def __init__(self, workdir: str, keep: int, fp: dict):
-    self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    self.directory = storage.join(workdir_lib.absolute(workdir), 'checkpoints')
     self.fingerprint = fp
     self.save_seconds = 0.0  # Host time spent in save() (checksum + starting the async write).
     self._pending: Optional[int] = None  # A step whose async save was started but not yet confirmed.
@@ -279,15 +278,14 @@ class Checkpoints:
 
   def _set_aside(self, step: int, error: Exception) -> None:
     """Moves an unreadable checkpoint out of Orbax's sight (kept for inspection, never deleted)."""
-    src = os.path.join(self.directory, str(step))
-    dst = os.path.join(os.path.dirname(self.directory), 'checkpoints_unreadable', f'{step}-{int(time.time())}')
+    src = storage.join(self.directory, str(step))
+    dst = storage.join(storage.dirname(self.directory), 'checkpoints_unreadable', f'{step}-{int(time.time())}')
     logging.warning('Checkpoint %s is unreadable (%s: %s); moving it to %s and trying an older one.',
                     src, error.__class__.__name__, str(error)[:200], dst)
     print(f'WARNING: checkpoint {src} is unreadable ({error.__class__.__name__}: {first_line(error, 100)}); '
           f'moved to {dst}, resuming from the newest valid one', flush=True)
-    if jax.process_index() == 0 and os.path.isdir(src):
-      os.makedirs(os.path.dirname(dst), exist_ok=True)
-      shutil.move(src, dst)
+    if jax.process_index() == 0 and storage.isdir(src):
+      storage.move(src, dst)  # A bucket: copy, then delete (the copy is complete before the step disappears).
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'set_aside_{step}')
     self.manager.reload()

@@ -6,13 +6,15 @@ scales and offsets, or ViT position embeddings, as in the Flax ImageNet example 
 """
 
 import json
-import os
 import types
 from typing import Callable, Dict, Optional
 
 import jax
 import optax
 from absl import logging
+
+import storage
+from errors import UserError
 
 # name -> (config, peak_lr, total_steps) -> schedule
 SCHEDULES: Dict[str, Callable] = {
@@ -66,9 +68,8 @@ def saved_schedule_config(workdir: str) -> Optional[dict]:
   """The schedule fields of WORKDIR/config.json (the run being resumed), or None when it cannot be read. Read
   before this run records its own config there."""
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
+    saved = json.loads(storage.read_text(storage.join(workdir, 'config.json')))
+  except (OSError, ValueError, UserError):
     return None
   return {k: saved[k] for k in SCHEDULE_FIELDS if k in saved} if isinstance(saved, dict) else None
 

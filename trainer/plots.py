@@ -1,8 +1,10 @@
 """Learning curves PNG from metrics.jsonl: people would rather look than read."""
 
 import importlib.util
+import io
 import json
-import os
+
+import storage
 
 
 def available() -> bool:
@@ -15,8 +17,8 @@ def plot_learning_curves(workdir: str) -> str:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    events = [json.loads(line) for line in f if line.strip()]
+  events = [json.loads(line) for line in storage.read_text(storage.join(workdir, 'metrics.jsonl')).splitlines()
+            if line.strip()]
   train = [e for e in events if e.get('kind') == 'train']
   test = [e for e in events if e.get('kind') == 'eval']
   fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -30,7 +32,9 @@ def plot_learning_curves(workdir: str) -> str:
   if test:
     ax_acc.set_title(f'final test accuracy {test[-1]["test_accuracy"]:.4f}')
   fig.tight_layout()
-  path = os.path.join(workdir, 'learning_curves.png')
-  fig.savefig(path, dpi=100)
+  path = storage.join(workdir, 'learning_curves.png')
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=100)
+  storage.write_bytes(path, png.getvalue())
   plt.close(fig)
   return path

@@ -10,11 +10,15 @@ import os
 import jax
 from absl import logging
 
+import storage
+
 
 class Profiler:
 
   def __init__(self, workdir: str, num_steps: int, start_step: int, total_steps: int):
-    self.directory = os.path.join(os.path.abspath(workdir), 'profile')
+    self.directory = storage.join(workdir if storage.is_url(workdir) else os.path.abspath(workdir), 'profile')
+    # The profiler writes local files only: a bucket workdir's trace goes to the cache, uploaded at the end.
+    self._local = storage.cache_dir(workdir, 'profile') if storage.is_url(workdir) else self.directory
     self.first, self.last = start_step + 1, min(start_step + 1 + num_steps, total_steps)
     self.active = False
     self._seen = self.first
@@ -29,7 +33,7 @@ class Profiler:
     """Called after step `step` was dispatched, with the state it produced."""
     if step == self.first and not self.active and self.last > self.first:
       jax.block_until_ready(state)
-      jax.profiler.start_trace(self.directory)
+      jax.profiler.start_trace(self._local)
       self.active = True
     elif self.active:
       self._seen = step
@@ -44,5 +48,7 @@ class Profiler:
       jax.block_until_ready(state)
     jax.profiler.stop_trace()
     self.active = False
+    if self._local != self.directory:
+      storage.upload_tree(self._local, self.directory)
     logging.info('Profile of steps %d..%d written to %s (view: tensorboard --logdir %s, Profile tab)',
                  self.first + 1, min(self._seen, self.last), self.directory, self.directory)

@@ -14,6 +14,7 @@ from typing import Optional
 
 from absl import logging
 
+import storage
 from errors import UserError
 
 
@@ -27,11 +28,12 @@ class Reporter:
 
   def __init__(self, workdir: str, is_main: bool, start_step: int):
     self.is_main = is_main
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = storage.join(workdir, 'metrics.jsonl')
     self._writer = None
+    self._events, self._events_url = None, None
     if not is_main:
       return
-    if os.path.exists(self.path) and not os.path.isfile(self.path):
+    if storage.exists(self.path) and not storage.isfile(self.path):
       raise UserError(f'{self.path} is not a file: move it out of the way (the run appends its metrics there), '
                       'or choose another --workdir')
     self._truncate_after(start_step)
@@ -41,40 +43,46 @@ class Reporter:
       _say_once(f'TensorBoard events are off ({e.__class__.__name__}: {e}); metrics.jsonl has every event. '
                 'Install tensorflow and clu to get them.')
       return
-    self._writer = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    events = storage.join(workdir, 'tensorboard')
+    if storage.is_url(workdir):
+      # tf.summary writes through tf.io.gfile, whose Cloud Storage endpoint is compiled in: events are written to
+      # the local cache and uploaded to the bucket after each write (the bucket always holds them).
+      self._events, self._events_url = storage.cache_dir(workdir, 'tensorboard'), events
+      events = self._events
+    self._writer = metric_writers.SummaryWriter(events)
 
   def _truncate_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
+    if not storage.exists(self.path):
       return
     lines = []
-    with open(self.path) as f:
-      for number, line in enumerate(f, 1):
-        try:
-          event = json.loads(line) if line.strip() else None
-        except ValueError:
-          logging.warning('%s line %d is not JSON (torn by a killed run?): dropped.', self.path, number)
-          continue
-        if isinstance(event, dict) and event.get('step', 0) <= step:
-          lines.append(line if line.endswith('\n') else line + '\n')
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(lines)
-    os.replace(tmp, self.path)
+    for number, line in enumerate(storage.read_text(self.path).splitlines(keepends=True), 1):
+      try:
+        event = json.loads(line) if line.strip() else None
+      except ValueError:
+        logging.warning('%s line %d is not JSON (torn by a killed run?): dropped.', self.path, number)
+        continue
+      if isinstance(event, dict) and event.get('step', 0) <= step:
+        lines.append(line if line.endswith('\n') else line + '\n')
+    storage.write_text(self.path, ''.join(lines))  # Atomic: a kill here leaves the old file or the new one.
 
   def write(self, event: dict) -> None:
     """Appends one event to metrics.jsonl and its numbers to TensorBoard."""
     if not self.is_main:
       return
     event = dict(event, time=round(time.time(), 3))
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(event) + '\n')
+    storage.append_text(self.path, json.dumps(event) + '\n')
     scalars = {k: v for k, v in event.items() if k not in ('step', 'time', 'kind') and isinstance(v, (int, float))}
     if self._writer is not None:
       self._writer.write_scalars(event['step'], scalars)
+    if self._events is not None:
+      self._writer.flush()
+      storage.upload_tree(self._events, self._events_url)
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+      if self._events is not None:
+        storage.upload_tree(self._events, self._events_url)
 
 
 _SAID = set()

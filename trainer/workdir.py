@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from absl import logging
 
+import storage
 from errors import UserError, setting
 
 # Config fields that change the data stream or the model: a resume with another value would mix two runs.
@@ -22,7 +23,14 @@ _lock_file = None  # The open lock file of this process: the OS releases the loc
 
 
 def check(workdir: str) -> None:
-  """Fails early (creating nothing) when `workdir` cannot become a writable directory."""
+  """Fails early (creating nothing) when `workdir` cannot become a writable directory. A bucket URL: one probe
+  object written and deleted (the bucket exists, the credentials may write, the endpoint answers)."""
+  if storage.scheme(workdir) == 's3':
+    raise UserError(f'--workdir={workdir}: checkpoints cannot go to s3:// yet (Orbax 0.12.8 writes arrays only to '
+                    'local paths and gs://): use a gs:// or local --workdir (s3:// data and files are readable)')
+  if storage.is_url(workdir):
+    storage.probe_writable(workdir)
+    return
   path = os.path.abspath(workdir)
   while not os.path.exists(path):
     path = os.path.dirname(path)
@@ -37,6 +45,10 @@ def check(workdir: str) -> None:
 def check_checkpoint_dir(directory: str, create: bool = False) -> None:
   """Fails at start-up (not at the first save) when `directory` cannot hold checkpoints; with `create`, makes
   it and proves it writable with a probe file (root ignores permission bits, so the probe is the real test)."""
+  if storage.is_url(directory):
+    if create:
+      storage.probe_writable(directory)
+    return
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise UserError(f'{directory} is a file, but checkpoints need a directory there: remove or rename it, or choose '
                     'another --workdir')
@@ -59,6 +71,9 @@ def check_checkpoint_dir(directory: str, create: bool = False) -> None:
 def prepare(workdir: str) -> None:
   """Creates `workdir` and proves it writable by this process (a probe file, removed again)."""
   import jax
+  if storage.is_url(workdir):
+    storage.probe_writable(workdir)
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f'.write_test_{jax.process_index()}')
@@ -79,6 +94,8 @@ def lock(workdir: str) -> None:
   import jax
   global _lock_file
   ok, holder = True, ''
+  if storage.is_url(workdir):
+    return _lock_url(workdir)
   if jax.process_index() == 0 and _lock_file is None:
     path = os.path.join(workdir, '.lock')
     f = open(path, 'a+')
@@ -98,6 +115,19 @@ def lock(workdir: str) -> None:
                     'wait for it to finish or stop it, or choose another --workdir')
 
 
+def _lock_url(workdir: str) -> None:
+  """A bucket has no flock: process 0 records itself in WORKDIR/.lock (who holds the run, for people)."""
+  import jax
+  if jax.process_index() == 0:
+    storage.write_text(storage.join(workdir, '.lock'), f'pid {os.getpid()} on {socket.gethostname()} since '
+                       f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n')
+
+
+def absolute(workdir: str) -> str:
+  """A local workdir made absolute; a URL unchanged (`os.path.abspath` would make `gs://b` a `./gs:/b` folder)."""
+  return workdir if storage.is_url(workdir) else os.path.abspath(workdir)
+
+
 def _process_0_says(ok: bool) -> bool:
   """Process 0's verdict, on every process: all stop together (none waits for a peer that left)."""
   import jax
@@ -110,11 +140,10 @@ def _process_0_says(ok: bool) -> bool:
 
 def _read_config(path: str):
   """The saved config as a dict, or None (with a warning) when it cannot be read."""
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return None
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(storage.read_text(path))
     if not isinstance(saved, dict):
       raise ValueError('not a JSON object')
     return saved
@@ -145,21 +174,23 @@ class Start:
     if jax.process_index() != 0 or self.config.eval_only:
       return
     if self.entry is not None and step is not None:
-      history = os.path.join(self.workdir, HISTORY)
+      history = storage.join(self.workdir, HISTORY)
       entry = dict(time=round(datetime.datetime.now().timestamp(), 3), step=step, **self.entry)
       try:
-        with open(history, 'a') as f:
-          f.write(json.dumps(entry) + '\n')
+        storage.append_text(history, json.dumps(entry) + '\n')
       except OSError as e:
         raise UserError(f'cannot write {history} ({e.strerror}): make the workdir writable') from None
       changes = ', '.join(f'{k} {v["from"]!r} -> {v["to"]!r}' for k, v in entry['changes'].items())
       if 'data' in entry:
         changes = ', '.join(filter(None, (changes, f'data {entry["data"]["from"]} -> {entry["data"]["to"]}')))
       logging.info('Config changed on resume at step %d: %s (recorded in %s)', step, changes, HISTORY)
-    path = os.path.join(self.workdir, 'config.json')
+    path = storage.join(self.workdir, 'config.json')
     try:
-      with open(path, 'w') as f:
-        f.write(self.config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+      if storage.is_url(path):  # One object write: atomic.
+        storage.write_text(path, self.config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+      else:
+        with open(path, 'w') as f:
+          f.write(self.config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
     except OSError as e:
       raise UserError(f'cannot write {path} ({e.strerror}): remove whatever is in its place, or choose another '
                       '--workdir') from None
@@ -188,10 +219,10 @@ def _judge(start: Start, step: int, meta: dict, current: dict, compare) -> str:
   """The refusal line of resuming checkpoint `step` (its `meta`) with `start.config`, or '' (then `start.entry`
   holds what changed)."""
   workdir, config = start.workdir, start.config
-  path = os.path.join(workdir, 'config.json')
+  path = storage.join(workdir, 'config.json')
   now = json.loads(config.to_json_best_effort(sort_keys=True))
   saved = _read_config(path)
-  if saved is None and not os.path.exists(path):
+  if saved is None and not storage.exists(path):
     logging.warning('%s is missing: comparing this config with checkpoint %d\'s record only (frozen fields, data); '
                     'other changes go unrecorded this time.', path, step)
   recorded = dict(meta.get('config', {}), **{k: meta[k] for k in ('model', 'dataset') if k in meta})
@@ -212,7 +243,7 @@ def _judge(start: Start, step: int, meta: dict, current: dict, compare) -> str:
       frozen[k] = (saved[k], now[k])
   if frozen:
     return _frozen_refusal(workdir, frozen)
-  refusal, data_change = compare(os.path.join(os.path.abspath(workdir), 'checkpoints'), step, meta, current,
+  refusal, data_change = compare(storage.join(absolute(workdir), 'checkpoints'), step, meta, current,
                                  allow_data_change=bool(config.get('allow_data_change', False)),
                                  eval_only=bool(config.get('eval_only', False)))
   if refusal:

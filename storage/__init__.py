@@ -1,0 +1,269 @@
+"""File operations on a local path or a bucket URL (`gs://`, `s3://`): the one place the trainer touches files.
+
+Local paths use `os` (rename is atomic, append is append). URLs go through fsspec (gcsfs, s3fs), with what
+each verb can promise on an object store:
+  - `write_bytes` / `write_text`: one object write, so a reader sees the old or the new object, never half
+    (the local equivalent: a temporary file renamed over the target);
+  - `append_text`: a rewrite of the whole object (object stores have no append; metrics.jsonl stays one
+    object, and small);
+  - `move`: copy, then delete (no rename on object stores); `makedirs`: nothing (prefixes need no creation).
+Every storage failure (a missing bucket, refused credentials, an unreachable endpoint) becomes one
+`UserError` line naming the path and the fix.
+
+`configure()` runs before Orbax, TFDS or tensorstore load: `etils.epath` (Orbax's and TFDS' file layer) is
+told to use fsspec instead of `tf.io.gfile` (whose Cloud Storage endpoint is compiled in), and tensorstore
+(Orbax's array writer) gets the endpoint of `STORAGE_EMULATOR_HOST` under its own name.
+"""
+
+import hashlib
+import os
+import shutil
+from typing import List
+
+from errors import UserError
+
+SCHEMES = ('gs', 's3')
+
+
+def is_url(path: str) -> bool:
+  return '://' in str(path)
+
+
+def scheme(path: str) -> str:
+  return str(path).split('://', 1)[0] if is_url(path) else ''
+
+
+def configure() -> None:
+  """Points the libraries that read and write for us at the same storage route as ours (see the module doc).
+  A value the user set wins."""
+  os.environ.setdefault('EPATH_USE_TF', 'false')
+  emulator = os.environ.get('STORAGE_EMULATOR_HOST')
+  if emulator:
+    url = emulator if '://' in emulator else f'http://{emulator}'
+    os.environ.setdefault('TENSORSTORE_GCS_HTTP_URL', url)
+    # gcsfs' zonal-bucket probe calls Google's storage-control API, which no emulator serves (one warning per call).
+    os.environ.setdefault('GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT', 'false')
+
+
+def join(base: str, *parts: str) -> str:
+  if not is_url(base):
+    return os.path.join(base, *parts)
+  return '/'.join([str(base).rstrip('/')] + [p.strip('/') for p in parts if p])
+
+
+def dirname(path: str) -> str:
+  if not is_url(path):
+    return os.path.dirname(path)
+  head, _, rest = str(path).partition('://')
+  return f'{head}://' + (rest.rstrip('/').rsplit('/', 1)[0] if '/' in rest.rstrip('/') else rest)
+
+
+def _fs(path: str):
+  import fsspec
+  s = scheme(path)
+  if s not in SCHEMES:
+    raise UserError(f'{path}: unsupported storage scheme {s}://: use a local path, gs://BUCKET/PATH or '
+                    's3://BUCKET/PATH')
+  kwargs = {}
+  if s == 's3' and os.environ.get('AWS_ENDPOINT_URL'):
+    kwargs['endpoint_url'] = os.environ['AWS_ENDPOINT_URL']  # Older s3fs versions ignore the variable.
+  return fsspec.filesystem(s, **kwargs)
+
+
+def _key(path: str) -> str:
+  return str(path).split('://', 1)[1].rstrip('/')
+
+
+def bucket(path: str) -> str:
+  return _key(path).split('/', 1)[0]
+
+
+def storage_error(path: str, e: BaseException, doing: str) -> UserError:
+  """One line for a failed storage request on `path` (`doing`: 'read', 'write', ...)."""
+  text = f'{e.__class__.__name__}: {e}'.splitlines()[0][:200]
+  where = f'{scheme(path)}://{bucket(path)}' if is_url(path) else path
+  low = text.lower()
+  if isinstance(e, PermissionError) or '403' in low or '401' in low or 'forbidden' in low or 'access denied' in low:
+    fix = 'give the credentials access to it, or choose another path'
+  elif 'nosuchbucket' in low or 'bucket' in low and ('not found' in low or 'not exist' in low):
+    fix = f'create the bucket {where} first, or fix the name'
+  elif any(w in low for w in ('connect', 'timeout', 'timed out', 'unreachable', 'name or service', 'refused')):
+    endpoint = os.environ.get('STORAGE_EMULATOR_HOST' if scheme(path) == 'gs' else 'AWS_ENDPOINT_URL', '')
+    fix = (f'the storage endpoint{" " + endpoint if endpoint else ""} does not answer: check the network, '
+           'STORAGE_EMULATOR_HOST / AWS_ENDPOINT_URL, then rerun')
+  else:
+    fix = 'check the path, the bucket and the credentials, then rerun'
+  return UserError(f'cannot {doing} {path} ({text}): {fix}')
+
+
+def _call(path: str, doing: str, fn, *args, **kwargs):
+  """Runs one fsspec call, with any failure as one `UserError` (missing files stay FileNotFoundError)."""
+  try:
+    return fn(*args, **kwargs)
+  except FileNotFoundError as e:
+    if doing in ('write', 'copy'):  # A write finds no parent to miss but the bucket.
+      raise UserError(f'cannot {doing} {path} (the bucket does not exist: {str(e)[:120]}): create the bucket '
+                      f'{scheme(path)}://{bucket(path)} first, or fix the name') from None
+    raise
+  except UserError:
+    raise
+  except Exception as e:  # gcsfs/s3fs/aiohttp/botocore each have their own types: all become one line.
+    raise storage_error(path, e, doing) from None
+
+
+def exists(path: str) -> bool:
+  if not is_url(path):
+    return os.path.exists(path)
+  fs = _fs(path)
+  return bool(_call(path, 'read', fs.exists, _key(path)))
+
+
+def isdir(path: str) -> bool:
+  """A directory (local) or a prefix with objects under it (URL)."""
+  if not is_url(path):
+    return os.path.isdir(path)
+  fs = _fs(path)
+  return bool(_call(path, 'read', fs.isdir, _key(path)))
+
+
+def isfile(path: str) -> bool:
+  if not is_url(path):
+    return os.path.isfile(path)
+  fs = _fs(path)
+  return bool(_call(path, 'read', fs.isfile, _key(path)))
+
+
+def read_bytes(path: str) -> bytes:
+  """The file's bytes; FileNotFoundError when there is none."""
+  if not is_url(path):
+    with open(path, 'rb') as f:
+      return f.read()
+  fs = _fs(path)
+  return _call(path, 'read', fs.cat_file, _key(path))
+
+
+def read_text(path: str) -> str:
+  return read_bytes(path).decode('utf-8')
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Replaces `path` atomically: a reader sees the old bytes or the new ones. Local: a temporary file in the
+  same directory, renamed over the target. URL: one object write."""
+  if not is_url(path):
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+    return
+  fs = _fs(path)
+  _call(path, 'write', fs.pipe_file, _key(path), data)
+
+
+def write_text(path: str, text: str) -> None:
+  write_bytes(path, text.encode('utf-8'))
+
+
+def append_text(path: str, text: str) -> None:
+  """Appends `text`. Local: an append. URL: the whole object rewritten (one object, never half of one)."""
+  if not is_url(path):
+    with open(path, 'a') as f:
+      f.write(text)
+    return
+  try:
+    old = read_bytes(path)
+  except FileNotFoundError:
+    old = b''
+  write_bytes(path, old + text.encode('utf-8'))
+
+
+def listdir(path: str) -> List[str]:
+  """Names directly under `path` (files and directories), sorted; [] when there is nothing."""
+  if not is_url(path):
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+  fs = _fs(path)
+  try:
+    entries = _call(path, 'list', fs.ls, _key(path), detail=False, refresh=True)
+  except FileNotFoundError:
+    return []
+  prefix = _key(path) + '/'
+  return sorted({e.rstrip('/')[len(prefix):].split('/', 1)[0] for e in entries if e.startswith(prefix)} - {''})
+
+
+def makedirs(path: str) -> None:
+  """Local: `os.makedirs`. URL: nothing (an object store creates prefixes with their first object)."""
+  if not is_url(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def remove(path: str) -> None:
+  if not is_url(path):
+    os.remove(path)
+    return
+  fs = _fs(path)
+  _call(path, 'delete', fs.rm_file, _key(path))
+
+
+def rmtree(path: str) -> None:
+  if not is_url(path):
+    shutil.rmtree(path, ignore_errors=True)
+    return
+  fs = _fs(path)
+  try:
+    _call(path, 'delete', fs.rm, _key(path), recursive=True)
+  except FileNotFoundError:
+    pass
+
+
+def move(src: str, dst: str) -> None:
+  """Moves a file or directory. Local: a rename. URL: copy, then delete (object stores have no rename)."""
+  if not is_url(src):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    shutil.move(src, dst)
+    return
+  fs = _fs(src)
+  if _call(src, 'read', fs.isdir, _key(src)):
+    _call(src, 'copy', fs.copy, _key(src) + '/', _key(dst) + '/', recursive=True)
+  else:
+    _call(src, 'copy', fs.copy, _key(src), _key(dst))
+  rmtree(src)
+
+
+def upload(local: str, url: str) -> None:
+  """Copies local file `local` to `url` (one object write)."""
+  with open(local, 'rb') as f:
+    write_bytes(url, f.read())
+
+
+def probe_writable(path: str) -> None:
+  """Writes and deletes one small object under `path`: proves the bucket exists and the credentials may write,
+  before any work starts."""
+  name = join(path, f'.write_test_{os.getpid()}')
+  write_bytes(name, b'ok')
+  remove(name)
+
+
+def cache_dir(url: str, *parts: str) -> str:
+  """A local directory for files that libraries can only write locally (TensorBoard events, profile traces),
+  uploaded to `url` from there: `$DPTRAIN_CACHE_DIR` (default `~/.cache/dptrain`)/<scheme>/<bucket>/<path>-
+  <hash>. Never derived from the URL as a relative path (no `./gs:` folder), and never the only copy."""
+  root = os.environ.get('DPTRAIN_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'dptrain')
+  digest = hashlib.sha256(str(url).encode()).hexdigest()[:10]
+  name = _key(url).replace('/', '_')[:80] + '-' + digest
+  path = os.path.join(root, scheme(url), name, *parts)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def upload_tree(local_dir: str, url: str) -> None:
+  """Uploads every file under `local_dir` whose size or mtime changed since the last call (to `url/...`)."""
+  seen = _uploaded.setdefault((local_dir, url), {})
+  for root, _, names in os.walk(local_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      st = os.stat(path)
+      if seen.get(path) != (st.st_size, st.st_mtime_ns):
+        upload(path, join(url, *os.path.relpath(path, local_dir).split(os.sep)))
+        seen[path] = (st.st_size, st.st_mtime_ns)
+
+
+_uploaded: dict = {}

@@ -1,0 +1,138 @@
+"""`--workdir=gs://BUCKET/PATH` through train.py against a real fake-gcs-server: every output lands in the
+bucket with a local workdir's layout, nothing lands on a local path made from the URL, and kill -9 then resume
+ends where an uninterrupted run ends."""
+
+import os
+import random
+import re
+import signal
+
+import pytest
+
+import storage
+from tests import harness
+from tests.conftest import make_fake_mnist
+
+pytestmark = pytest.mark.slow
+STEPS = 48
+
+
+@pytest.fixture(scope='module')
+def env(gcs_server):
+  """STORAGE_EMULATOR_HOST alone, as a user sets it (train.py derives what the other libraries need)."""
+  with pytest.MonkeyPatch.context() as mp:
+    for k, v in gcs_server.env.items():
+      mp.setenv(k, v)
+    mp.setenv('DPTRAIN_CACHE_DIR', str(harness.ROOT) + '/.pytest_cache/dptrain_cache')
+    yield gcs_server
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return make_fake_mnist(str(tmp_path_factory.mktemp('data')), num_train=256, num_test=48)
+
+
+def _args(data_dir, *extra):
+  return ('--num_cpu_devices=2', f'--config.data_dir={data_dir}', f'--config.num_train_steps={STEPS}', *extra)
+
+
+def _ok(proc):
+  out = proc.stdout + proc.stderr
+  assert proc.returncode == 0 and 'Traceback' not in out, out[-3000:]
+  return out
+
+
+@pytest.fixture(scope='module')
+def runs(env, data_dir, tmp_path_factory):
+  """The same job uninterrupted in a bucket and in a local directory."""
+  bucket = f'gs://{env.new_bucket()}/run'
+  local = str(tmp_path_factory.mktemp('local') / 'run')
+  extra = ('--config.plot=True', '--config.profile_steps=2')
+  _ok(harness.run_train(bucket, *_args(data_dir, *extra)))
+  _ok(harness.run_train(local, *_args(data_dir, *extra)))
+  return bucket, local
+
+
+def _layout(workdir):
+  """Relative paths under `workdir`, with the names that hold times, hosts or content hashes generalized."""
+  if storage.is_url(workdir):
+    import fsspec
+    key = workdir.split('://', 1)[1]
+    names = [p[len(key) + 1:] for p in fsspec.filesystem('gs').find(key)]
+  else:
+    names = [os.path.relpath(os.path.join(r, n), workdir) for r, _, ns in os.walk(workdir) for n in ns]
+  out = set()
+  for n in names:
+    n = re.sub(r'events\.out\.tfevents\..*', 'EVENTS', n)
+    n = re.sub(r'profile/plugins/profile/[^/]+/.*', 'PROFILE', n)
+    n = re.sub(r'/d/[0-9a-f]{32}$', '/d/DATA', n)
+    out.add(n)
+  return out
+
+
+def test_bucket_holds_every_output_in_the_local_layout_and_the_same_bits(runs):
+  bucket, local = runs
+  layout = _layout(bucket)
+  assert layout == _layout(local), sorted(layout ^ _layout(local))
+  assert {'metrics.jsonl', 'config.json', 'learning_curves.png', 'tensorboard/EVENTS', 'PROFILE',
+          'checkpoints/48/meta/metadata'} <= layout, sorted(layout)
+  assert storage.read_bytes(storage.join(bucket, 'learning_curves.png'))[:8] == b'\x89PNG\r\n\x1a\n'
+  harness.assert_states_close(harness.load_checkpoint(local), harness.load_checkpoint(bucket), atol=0)
+  strip = lambda events: [{k: v for k, v in e.items() if k in ('step', 'test_loss', 'test_examples')}
+                          for e in events if e['kind'] == 'eval']
+  assert strip(harness.metrics(bucket)) == strip(harness.metrics(local))
+  assert not any(n.startswith('gs:') for n in os.listdir(harness.ROOT)), 'a local folder was made from the URL'
+
+
+def _kill_when(proc, predicate):
+  assert harness.wait_for(lambda: predicate() or proc.poll() is not None, timeout=180, interval=0.002)
+  assert proc.poll() is None, 'the run ended before it could be interrupted'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+
+
+def _saving(workdir, after: int) -> bool:
+  """A step past `after` being written: on Cloud Storage Orbax writes a step in place and marks it complete
+  with commit_success.txt last."""
+  d = storage.join(workdir, 'checkpoints')
+  return any(int(n) > after and not storage.exists(storage.join(d, n, 'commit_success.txt'))
+             for n in storage.listdir(d) if n.isdigit())
+
+
+def test_kill_9_anywhere_then_resume_is_bit_identical(env, runs, data_dir, tmp_path):
+  bucket, _ = runs
+  workdir = f'gs://{env.new_bucket()}/run'
+  target = random.Random(7).choice(range(8, 24, 4))
+  proc = harness.start_train(workdir, *_args(data_dir), log_path=str(tmp_path / 'kill1.log'))
+  _kill_when(proc, lambda: any(e['step'] >= target for e in harness.metrics(workdir)))
+  proc = harness.start_train(workdir, *_args(data_dir), log_path=str(tmp_path / 'kill2.log'))
+  last = max(harness.checkpoint_steps(workdir))
+  _kill_when(proc, lambda: _saving(workdir, last + 4))  # Mid-save of a new step (not the resumed one).
+  out = _ok(harness.run_train(workdir, *_args(data_dir)))
+  assert 'resuming at step' in out
+  harness.assert_states_close(harness.load_checkpoint(bucket), harness.load_checkpoint(workdir), atol=0)
+  steps = [(e['step'], e['kind']) for e in harness.metrics(workdir)]
+  assert steps == [(e['step'], e['kind']) for e in harness.metrics(bucket)], steps
+
+
+def test_eval_only_reads_the_bucket_and_appends_one_event(env, runs, data_dir):
+  bucket, _ = runs
+  before = harness.metrics(bucket)
+  _ok(harness.run_train(bucket, *_args(data_dir, '--config.eval_only=True')))
+  after = harness.metrics(bucket)
+  assert after[:-1] == before and after[-1]['eval_only'] and after[-1]['step'] == STEPS
+  assert after[-1]['test_loss'] == before[-1]['test_loss']
+
+
+def _one_error(proc) -> str:
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  return lines[0]
+
+
+def test_a_missing_bucket_and_an_s3_workdir_are_refused_with_one_line(env, data_dir):
+  line = _one_error(harness.run_train('gs://no-such-bucket/run', *_args(data_dir), timeout=120))
+  assert 'create the bucket gs://no-such-bucket' in line, line
+  line = _one_error(harness.run_train('s3://some-bucket/run', *_args(data_dir), timeout=120))
+  assert 'checkpoints cannot go to s3://' in line, line
