@@ -8,7 +8,7 @@ key and half a fixed pattern of its class (from `key(seed, label)`), pixels in [
 learned (the loss falls, the accuracy rises: an end-to-end check), and the same bits come out on any
 device kind, device count or process count (threefry is counter-based and sharding-invariant).
 
-The image shape and class count are those of `config.dataset` (`sources.DATASETS`); `image_size` sets the
+The image shape and class count are those of `config.dataset` (`base.DATASETS`); `image_size` sets the
 size. `augment` and `normalize` do not apply: the pixels are made at their final size.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 
 from errors import UserError, setting
-from input_pipeline import sources
+from input_pipeline import base
 
 _SPLIT_IDS = {'train': 0, 'eval': 1}
 _PATTERN_STREAM = 2  # fold_in tag of the class patterns, apart from the splits' streams.
@@ -44,7 +44,7 @@ def examples(seed: int, split: str, indices, shape: Tuple[int, int, int], num_cl
   return one(indices)
 
 
-class SyntheticSource(sources.Source):
+class SyntheticSource(base.Source):
   """Generated examples with a built-in dataset's shape and classes; batches are made on the devices."""
   on_device = True  # `trainer.job` feeds it indices and calls `generate`, not tf.data.
 
@@ -62,7 +62,7 @@ class SyntheticSource(sources.Source):
     raise TypeError('synthetic examples are generated on the devices (`generate`), not read by tf.data')
 
   def content_digest(self) -> str:
-    return sources.digest_of(['synthetic-v1', str(self.seed), str(self.image_shape), str(self.num_classes)])
+    return base.digest_of(['synthetic-v1', str(self.seed), str(self.image_shape), str(self.num_classes)])
 
   def generate(self, split: str, placed: dict) -> dict:
     """`placed['index']`: a device array of global example indices, in any layout (a step's batch, k steps
@@ -79,11 +79,11 @@ class SyntheticSource(sources.Source):
 
 
 def load(config) -> SyntheticSource:
-  spec = sources.DATASETS.get(config.dataset)
+  spec = base.DATASETS.get(config.dataset)
   if spec is None:
     raise UserError(f'{setting("data_source")}=synthetic takes its image shape and class count from '
                     f'{setting("dataset")}, and {config.dataset!r} is not built in: use one of '
-                    f'{", ".join(sorted(sources.DATASETS))}')
+                    f'{", ".join(sorted(base.DATASETS))}')
   h, w, c = spec.image_shape
   if config.image_size:
     h = w = config.image_size
