@@ -16,6 +16,7 @@ told to use fsspec instead of `tf.io.gfile` (whose Cloud Storage endpoint is com
 """
 
 import hashlib
+import logging
 import os
 import shutil
 from typing import List
@@ -37,6 +38,8 @@ def configure() -> None:
   """Points the libraries that read and write for us at the same storage route as ours (see the module doc).
   A value the user set wins."""
   os.environ.setdefault('EPATH_USE_TF', 'false')
+  # gcsfs logs every failed request with its traceback before raising; the run reports the failure in one line.
+  logging.getLogger('gcsfs').setLevel(logging.CRITICAL)
   emulator = os.environ.get('STORAGE_EMULATOR_HOST')
   if emulator:
     url = emulator if '://' in emulator else f'http://{emulator}'

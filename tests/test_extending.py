@@ -13,6 +13,7 @@ import pytest
 
 import plugins
 from configs import default
+import cpu_kernels
 from errors import UserError
 from models import create_model
 from tests import harness, job_steps
@@ -107,10 +108,11 @@ def test_hooks_run_at_their_steps_with_steps_per_dispatch():
 def test_model_gets_kwargs_and_only_the_trainer_keywords_it_names():
   config = _kwargs(width=4)
   config.dtype = 'bfloat16'
-  net = create_model(config, num_classes=3, bn_axis_name='data')
+  unplug = lambda m: m.model if isinstance(m, cpu_kernels.Plugged) else m  # The CPU kernels wrap any model.
+  net = unplug(create_model(config, num_classes=3, bn_axis_name='data'))
   assert (net.num_classes, net.width, net.dtype, net.bn_axis_name) == (3, 4, jnp.bfloat16, 'data')
-  plain = create_model(_config(model='my_model:small_net', model_kwargs={'width': 5}), num_classes=3,
-                       bn_axis_name='data')  # small_net names neither dtype nor an axis: gets neither.
+  plain = unplug(create_model(_config(model='my_model:small_net', model_kwargs={'width': 5}), num_classes=3,
+                              bn_axis_name='data'))  # small_net names neither dtype nor an axis: gets neither.
   assert (type(plain).__name__, plain.width) == ('PlainBatchNormNet', 5)
   not_module = _config(model='tests.test_extending:not_a_module')
   with pytest.raises(UserError, match='returned type int, not a flax.linen Module'):

@@ -21,7 +21,7 @@ ALLOWED = {
     'plugins': {'errors'},  # Resolves MODULE:ATTR config values for every layer.
     'storage': {'errors', 'paths'},
     'configs': set(),
-    'models': {'errors', 'plugins'},
+    'models': {'errors', 'plugins', 'cpu_kernels'},  # Only the factory (models/__init__.py) plugs the kernels in.
     'cpu_kernels': {'errors'},
     'input_pipeline': BASE | {'storage'},
     'parallel': BASE | {'models', 'cpu_kernels'},
