@@ -97,6 +97,21 @@ PER_DEVICE = Reductions(lambda x: lax.pmean(x, AXIS), lambda x: lax.psum(x, AXIS
 GLOBAL = Reductions(lambda x: x, lambda x: x, lambda x: x, lambda: 0)
 
 
+def _accumulate(grads_of, batch_stats, batch, rng, k: int, zeros):
+  """Gradient accumulation: `grads_of` on k micro-batches in order (BatchNorm statistics carried from one to the
+  next, micro-batch j's rng folded with j); returns (statistics, summed gradients, loss sum, correct count), the
+  sums started from `zeros` = (gradients, loss, correct)."""
+  def accumulate(carry, xs):
+    stats, grad_sum, loss_sum, correct = carry
+    j, micro = xs
+    stats, grads, micro_loss, micro_correct = grads_of(stats, micro, jax.random.fold_in(rng, j))
+    return (stats, jax.tree.map(jnp.add, grad_sum, grads), loss_sum + micro_loss, correct + micro_correct), None
+
+  (stats, grad_sum, loss_sum, correct), _ = lax.scan(accumulate, (batch_stats, *zeros),
+                                                     (jnp.arange(k), micro_batches(batch, k)))
+  return stats, grad_sum, loss_sum, correct
+
+
 def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool, opts: StepOptions,
                 reduce: Reductions = PER_DEVICE):
   """One device's step (`reduce=PER_DEVICE`: `batch` holds this device's rows, reductions go over AXIS), or
@@ -125,15 +140,8 @@ def _train_body(state: TrainState, batch, *, model, tx, local_bn: bool, opts: St
   if k == 1:
     new_stats, grads, loss_sum, correct = grads_of(batch_stats, batch, rng)
   else:
-    def accumulate(carry, xs):
-      stats, grad_sum, loss_sum, correct = carry
-      j, micro = xs
-      stats, grads, micro_loss, micro_correct = grads_of(stats, micro, jax.random.fold_in(rng, j))
-      return (stats, jax.tree.map(jnp.add, grad_sum, grads), loss_sum + micro_loss, correct + micro_correct), None
-
-    init = (batch_stats, jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32),
-            jnp.zeros((), jnp.int32))
-    (new_stats, grad_sum, loss_sum, correct), _ = lax.scan(accumulate, init, (jnp.arange(k), micro_batches(batch, k)))
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    new_stats, grad_sum, loss_sum, correct = _accumulate(grads_of, batch_stats, batch, rng, k, zeros)
     grads = jax.tree.map(lambda g: g / k, grad_sum)
   grads = reduce.mean(grads)
   if local_bn:
@@ -193,15 +201,8 @@ def _fixed_train_body(state: TrainState, batch, *, model, tx, opts: StepOptions,
   if k == 1:
     new_stats, grads, loss_sums, correct = grads_of(state.batch_stats, batch, rng)
   else:
-    def accumulate(carry, xs):
-      stats, grad_sum, loss_sum, correct = carry
-      j, micro = xs
-      stats, grads, micro_loss, micro_correct = grads_of(stats, micro, jax.random.fold_in(rng, j))
-      return (stats, jax.tree.map(jnp.add, grad_sum, grads), loss_sum + micro_loss, correct + micro_correct), None
-
-    init = (state.batch_stats, jax.tree.map(jnp.zeros_like, stacked), jnp.zeros((per,), jnp.float32),
-            jnp.zeros((per,), jnp.int32))
-    (new_stats, grads, loss_sums, correct), _ = lax.scan(accumulate, init, (jnp.arange(k), micro_batches(batch, k)))
+    zeros = (jax.tree.map(jnp.zeros_like, stacked), jnp.zeros((per,), jnp.float32), jnp.zeros((per,), jnp.int32))
+    new_stats, grads, loss_sums, correct = _accumulate(grads_of, state.batch_stats, batch, rng, k, zeros)
   grads, loss_sum, correct = deterministic.fixed_sum((grads, loss_sums, correct))
   metrics = {'loss_sum': loss_sum, 'correct': correct, 'count': jnp.asarray(global_rows, jnp.int32),
              'finite': jnp.isfinite(loss_sum).astype(jnp.int32)}
