@@ -117,6 +117,13 @@ def _split(chunks: Iterable) -> Iterable:
       yield {name: value[i] for name, value in chunk.items()}
 
 
+def stacked(batches: Iterable, k: int) -> Iterable:
+  """Per-step batches -> up to `k` of them stacked on a new leading axis (the last group may be shorter)."""
+  it = iter(batches)
+  while group := list(itertools.islice(it, k)):
+    yield {name: np.stack([b[name] for b in group]) for name in group[0]}
+
+
 def grouped(batches: Iterable, sizes: Iterable[int]) -> Iterable:
   """Per-step batches -> (size, batch) for each dispatch size: the batch itself for 1, else `size` batches
   stacked on a new leading axis (`steps_per_dispatch`). Ends when either input does."""
@@ -162,5 +169,21 @@ def from_dataset(ds, put: Callable, depth: int = 2, sizes: Optional[Iterable[int
   if sizes is not None:
     return Prefetcher(_regroup(chunks, sizes), put, depth)
   if put_each is not None:
-    return Prefetcher(chunks, put_each, 1, each=True)
+    return Prefetcher(chunks, padded_each(put_each), 1, each=True)
   return Prefetcher(_split(chunks), put, depth)
+
+
+def padded_each(put_each: Callable) -> Callable:
+  """`put_each` that sees every element at the first element's length: a shorter one (the stream's tail) is
+  padded by repeating its last step, and the extra batches are dropped. `put_each` compiles a split program
+  per length, which the loop would wait on near its end (~0.2 s, benchmarks/host_overhead.py)."""
+  full = None
+
+  def place(chunk) -> list:
+    nonlocal full
+    n = len(next(iter(chunk.values())))
+    full = n if full is None else full
+    if n < full:
+      chunk = {name: np.concatenate([v, np.repeat(v[-1:], full - n, axis=0)]) for name, v in chunk.items()}
+    return put_each(chunk)[:n]
+  return place

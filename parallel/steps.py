@@ -281,10 +281,14 @@ class Stepper:
   def place_each(self, local_batches) -> list:
     """k steps' rows stacked [k, rows, ...] -> k batches in the layout of `train_step`, with one transfer and
     one dispatch for all k: a transfer per step costs ~70 µs of host time, a small model's whole step."""
-    k = len(jax.tree.leaves(local_batches)[0])
+    return self.split_steps(self.place_steps(local_batches), len(jax.tree.leaves(local_batches)[0]))
+
+  def split_steps(self, placed, k: int) -> list:
+    """k steps placed for `train_steps` (`place_steps`) -> the k batches in the layout of `train_step`, in one
+    dispatch (one compiled program per k)."""
     if k not in self._splitters:
       self._splitters[k] = self._splitter(k)
-    return self._splitters[k](self.place_steps(local_batches))
+    return self._splitters[k](placed)
 
   def _splitter(self, k: int):
     raise NotImplementedError

@@ -28,6 +28,25 @@ def test_chunked_feed_yields_the_same_batches_in_order():
     np.testing.assert_array_equal(batch['label'], labels[i])
 
 
+
+def test_a_short_last_element_is_padded_to_the_length_already_compiled():
+  """`put_each` sees every element at one length (one split program); the stream's short tail is padded and the
+  padding dropped, so no second program compiles where the loop waits (benchmarks/host_overhead.py)."""
+  ds, images, labels = _dataset(150)
+  chunks = ds.batch(64)  # 64, 64, 22: as `pipeline.train_dataset(steps_per_element=64)` stacks them.
+  lengths = []
+
+  def put_each(chunk):
+    lengths.append(len(chunk['label']))
+    return [{name: v[i] for name, v in chunk.items()} for i in range(len(chunk['label']))]
+  got = list(device_feed.from_dataset(chunks, put=lambda b: b, put_each=put_each, stacked=True))
+  assert lengths == [64, 64, 64]
+  assert len(got) == 150
+  for i, batch in enumerate(got):
+    np.testing.assert_array_equal(batch['image'], images[i])
+    np.testing.assert_array_equal(batch['label'], labels[i])
+
+
 def test_large_or_unknown_batches_are_not_chunked():
   big, _, _ = _dataset(2, rows=64, shape=(128, 128, 3))  # 12.6 MB per step: over the chunk budget.
   assert device_feed.steps_per_element(big.element_spec) == 1
