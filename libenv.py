@@ -12,7 +12,7 @@ tf.data only decodes and augments, so this costs nothing measurable there. A val
 """
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 QUIET = {
     'TF_CPP_MIN_LOG_LEVEL': '2',     # TensorFlow's C++ INFO and WARNING lines.

@@ -10,7 +10,8 @@ import importlib
 import inspect
 import os
 import sys
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from errors import UserError, first_line, setting
 

@@ -34,8 +34,9 @@ def child(n: int, kernels: str) -> None:
   import numpy as np
   from jax import lax
   from jax.sharding import PartitionSpec as P
-  from configs import default
+
   import models
+  from configs import default
   from parallel import mesh as mesh_lib
 
   config = default.get_config()

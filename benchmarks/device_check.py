@@ -134,7 +134,7 @@ def compare(name, config, accel, cpu) -> dict:
     c_loss, c_params, c_images = _steps(config, cpu, COMPARE_STEPS)
   loss_err = float(np.max(np.abs(a_loss - c_loss) / np.maximum(np.abs(c_loss), 1e-12)))
   diff = sum(float(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-             for a, b in zip(jax.tree.leaves(a_params), jax.tree.leaves(c_params)))
+             for a, b in zip(jax.tree.leaves(a_params), jax.tree.leaves(c_params), strict=True))
   norm = sum(float(np.sum(np.asarray(b, np.float64) ** 2)) for b in jax.tree.leaves(c_params))
   param_err = (diff / max(norm, 1e-30)) ** 0.5
   same_data = bool(np.array_equal(a_images, c_images))

@@ -33,7 +33,7 @@ def fashion_mnist(root):
                                 ('test', data.test_images, data.test_labels)):
     for k in range(10):
       os.makedirs(os.path.join(root, split, str(k)), exist_ok=True)
-    for i, (image, label) in enumerate(zip(images, labels)):
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
       _write(os.path.join(root, split, str(label), f'{i:05d}.png'), image, 'png')
 
 

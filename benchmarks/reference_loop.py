@@ -15,7 +15,6 @@ rows. Nothing here is used by the trainer; `benchmarks.throughput` imports `run`
 import functools
 import statistics
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +49,7 @@ def make_steps(model, tx):
 
 def run(images: np.ndarray, labels: np.ndarray, *, batch: int, warmup_s: float = 1.0, window_s: float = 2.0,
         windows: int = 5, seed: int = 0, learning_rate: float = 0.01, momentum: float = 0.99,
-        device: Optional[jax.Device] = None, variables: Optional[dict] = None) -> dict:
+        device: jax.Device | None = None, variables: dict | None = None) -> dict:
   """Trains with the seed's loop and times it: images/sec (median of `windows` windows after warm-up).
 
   `variables` ({'params', 'batch_stats'}, e.g. host copies of the trainer's initial state) skips the init.

@@ -71,8 +71,8 @@ def paired_summary(times, baseline: str) -> dict:
   """{variant: {img_s, ratio, wins}} from {variant: [img/s per window]}, windows paired by position."""
   base = times[baseline]
   return {name: {'img_s': statistics.median(v),
-                 'ratio': statistics.median(x / b for x, b in zip(v, base)),
-                 'wins': sum(x > b for x, b in zip(v, base))}
+                 'ratio': statistics.median(x / b for x, b in zip(v, base, strict=True)),
+                 'wins': sum(x > b for x, b in zip(v, base, strict=True))}
           for name, v in times.items()}
 
 

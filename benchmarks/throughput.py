@@ -308,7 +308,8 @@ def matmul_peak(n: int = 2048, reps: int = 7, quick: bool = False) -> dict:
     mesh = mesh_lib.make_mesh(num_devices=k)
     sharded = jax.jit(jax.shard_map(jnp.dot, mesh=mesh, in_specs=(P('data'), P()), out_specs=P('data')))
     ak, bk = jax.device_put(a, mesh_lib.batch_sharding(mesh)), jax.device_put(b, mesh_lib.replicated(mesh))
-    out[f'shard_map_{k}dev'] = flops / _median_time(lambda: sharded(ak, bk).block_until_ready(), reps) / 1e9
+    run = lambda sharded=sharded, ak=ak, bk=bk: sharded(ak, bk).block_until_ready()
+    out[f'shard_map_{k}dev'] = flops / _median_time(run, reps) / 1e9
   if not quick:
     an, bn = np.asarray(a), np.asarray(b)
     out['numpy'] = flops / _median_time(lambda: an @ bn, reps) / 1e9
@@ -449,13 +450,14 @@ def _cells(row):
   values = [row['backend'], row['devices'], row['batch'], row['images_per_s'], row['ms_per_step'],
             None if row.get('input_wait') is None else 100 * row['input_wait'], row.get('cpu_cores'),
             row['compile_s'], row['gflops'], row['pct_peak'], row['maxrss_mb']]
-  return [('-' if v is None else fmt.format(v)) for v, (_, fmt) in zip(values, COLUMNS)]
+  return [('-' if v is None else fmt.format(v)) for v, (_, fmt) in zip(values, COLUMNS, strict=True)]
 
 
 def table(rows) -> str:
   cells = [[c for c, _ in COLUMNS]] + [_cells(r) for r in rows]
   widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-  fmt = lambda r: '  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+  fmt = lambda r: '  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                            for i, (c, w) in enumerate(zip(r, widths, strict=True)))
   return '\n'.join([fmt(cells[0]), '  '.join('-' * w for w in widths)] + [fmt(r) for r in cells[1:]])
 
 
@@ -472,10 +474,9 @@ def main(argv=None) -> int:
   topology.configure_backend('cpu', args.simulated_devices)  # Before anything starts JAX's backend.
   import jax
 
+  from benchmarks import reference_loop
   from configs import default
   from input_pipeline import pipeline, sources  # noqa: F401  (TensorFlow's import: seconds, not in a row)
-
-  from benchmarks import reference_loop
 
   load_start = os.getloadavg()
   quiet = lambda msg: print(f'[{time.perf_counter() - started:5.1f}s] {msg}', file=sys.stderr, flush=True)

@@ -15,7 +15,6 @@ Only the CPU is known to gain (cuDNN and the TPU compiler fuse BatchNorm and hav
 """
 
 import contextlib
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -25,7 +24,7 @@ from cpu_kernels import conv, norm
 SETTINGS = ('auto', 'off')  # config.cpu_kernels
 
 
-def enabled(setting: str, platform: Optional[str] = None) -> bool:
+def enabled(setting: str, platform: str | None = None) -> bool:
   """'auto' -> on where the platform (default: JAX's default backend) is the CPU; 'off' -> never."""
   return setting == 'auto' and (platform or jax.default_backend()) == 'cpu'
 
@@ -68,6 +67,6 @@ class Plugged:
     return f'Plugged({self.model!r})'
 
 
-def plug(model: nn.Module, setting: str, platform: Optional[str] = None):
+def plug(model: nn.Module, setting: str, platform: str | None = None):
   """`model` with the CPU kernels where `enabled(setting, platform)`, else `model` itself."""
   return Plugged(model) if enabled(setting, platform) else model

@@ -20,7 +20,6 @@ with S a sum over the global batch (N values per channel) and gy the incoming gr
 """
 
 import functools
-from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -50,7 +49,7 @@ def _count(x, axis_name):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def batch_norm_train(x, shift, scale, bias, epsilon: float, axis_name: Optional[str]):
+def batch_norm_train(x, shift, scale, bias, epsilon: float, axis_name: str | None):
   """(y, mean, var): x + shift normalised with its batch's float32 statistics over the last axis. Callers
   stop the gradients of `mean` and `var` (they feed only the running averages).
 

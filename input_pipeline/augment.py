@@ -16,7 +16,7 @@ object) with the built-ins' `train(raw, key, size, channels)` and `eval(raw, siz
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ def decode(raw: tf.Tensor, channels: int) -> tf.Tensor:
   return image
 
 
-def _resize(image: tf.Tensor, size: Optional[Tuple[int, int]]) -> tf.Tensor:
+def _resize(image: tf.Tensor, size: tuple[int, int] | None) -> tf.Tensor:
   """float32 in [0, 255]: resized (bilinear) to `size`, or only cast when `size` is None."""
   return tf.cast(image, tf.float32) if size is None else tf.image.resize(image, size)
 
@@ -135,7 +135,7 @@ class Preprocess:
   """One config's preprocessing: augmentation, output size, channels and normalisation."""
 
   def __init__(self, augment: str = 'none', image_size: int = 0, *, channels: int,
-               native_shape: Optional[Sequence[int]], normalize: bool = False, mean=(), std=()):
+               native_shape: Sequence[int] | None, normalize: bool = False, mean=(), std=()):
     self.name = augment
     self._aug = create(augment)
     self.channels = channels
@@ -156,7 +156,7 @@ class Preprocess:
       self._scale = 1.0 / (np.asarray(std, np.float32) * 255.0)
 
   @classmethod
-  def from_config(cls, config, source) -> 'Preprocess':
+  def from_config(cls, config, source) -> Preprocess:
     return cls(config.augment, config.image_size, channels=source.channels, native_shape=source.image_shape,
                normalize=config.normalize, mean=tuple(config.mean), std=tuple(config.std))
 
@@ -166,7 +166,7 @@ class Preprocess:
     return self.name == 'none' and self._resize is None
 
   @property
-  def output_shape(self) -> Tuple[int, int, int]:
+  def output_shape(self) -> tuple[int, int, int]:
     return self.size + (self.channels,)
 
   def describe(self) -> str:

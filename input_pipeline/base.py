@@ -9,13 +9,12 @@ content digest), and how to read example `i` of a split as a TF op. The concrete
 import dataclasses
 import hashlib
 import json
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 import numpy as np
 
 import paths
 from errors import UserError, setting
-
 
 SPLITS = ('train', 'eval')
 
@@ -24,7 +23,7 @@ class Source:
   """What the pipeline needs of a dataset; subclasses fill the attributes and implement the methods."""
   description: str                              # human-readable: where the data comes from
   num_classes: int
-  image_shape: Optional[Tuple[int, int, int]]   # native shape, None when images differ in size
+  image_shape: tuple[int, int, int] | None   # native shape, None when images differ in size
   channels: int
 
   def num_examples(self, split: str) -> int:
@@ -38,7 +37,7 @@ class Source:
     """Where example `index` lives, for error messages (a file path, a record number)."""
     return f'example {index} of the {split} split of {self.description}'
 
-  def class_names(self) -> Tuple[str, ...]:
+  def class_names(self) -> tuple[str, ...]:
     """The label names, by label index; sources without names use '0'..'K-1'."""
     return tuple(str(k) for k in range(self.num_classes))
 
@@ -86,10 +85,10 @@ def digest_of(items) -> str:
 class DatasetSpec:
   """What we know about a built-in dataset before loading it."""
   num_classes: int
-  image_shape: Tuple[int, int, int]
-  idx_dir: Optional[str] = None       # where a system package puts its IDX files
-  apt_package: Optional[str] = None   # the Debian/Ubuntu package that provides them
-  class_names: Optional[Tuple[str, ...]] = None  # TFDS' label names, so IDX and TFDS copies agree
+  image_shape: tuple[int, int, int]
+  idx_dir: str | None = None       # where a system package puts its IDX files
+  apt_package: str | None = None   # the Debian/Ubuntu package that provides them
+  class_names: tuple[str, ...] | None = None  # TFDS' label names, so IDX and TFDS copies agree
 
 
 DATASETS = {
@@ -113,10 +112,10 @@ class InMemoryDataset(Source):
   test_labels: np.ndarray
   num_classes: int
   source: str               # human-readable: where the data came from
-  names: Optional[Tuple[str, ...]] = None  # label names; None: '0'..'K-1'
+  names: tuple[str, ...] | None = None  # label names; None: '0'..'K-1'
   reads_batches = True      # `reader` also takes a vector of indices
 
-  def class_names(self) -> Tuple[str, ...]:
+  def class_names(self) -> tuple[str, ...]:
     return tuple(self.names) if self.names else super().class_names()
 
   def content_digest(self) -> str:

@@ -11,7 +11,7 @@ import itertools
 import queue
 import threading
 import time
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -155,8 +155,8 @@ def _regroup(chunks: Iterable, sizes: Iterable[int]) -> Iterable:
     yield size, ({name: value[0] for name, value in group.items()} if size == 1 else group)
 
 
-def from_dataset(ds, put: Callable, depth: int = 2, sizes: Optional[Iterable[int]] = None,
-                 put_each: Optional[Callable] = None, stacked: bool = False) -> Prefetcher:
+def from_dataset(ds, put: Callable, depth: int = 2, sizes: Iterable[int] | None = None,
+                 put_each: Callable | None = None, stacked: bool = False) -> Prefetcher:
   """A `Prefetcher` over a tf.data dataset of batch dicts, pulling several steps per element (same order);
   `stacked`: the elements already hold several steps [k, ...] (`pipeline.train_dataset(steps_per_element=k)`).
   With `sizes`, it yields what `grouped` does and `put` takes (size, batch). `put_each` (stacked batches

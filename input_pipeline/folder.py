@@ -20,7 +20,6 @@ naming the file and the step.
 """
 
 import os
-from typing import List, Tuple
 
 import numpy as np
 from absl import logging
@@ -34,11 +33,11 @@ SNIFF_LIMIT = 20000
 _GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
 
 
-def _listdir(directory: str) -> List[str]:
+def _listdir(directory: str) -> list[str]:
   return sorted(n for n in os.listdir(directory) if not n.startswith('.'))
 
 
-def _walk(class_dir: str) -> List[str]:
+def _walk(class_dir: str) -> list[str]:
   """Every file under `class_dir`, at any depth: a folder's own files (sorted), then its sub-folders' (sorted
   by name), so the order, and with it the labels and batches, is the same on every machine. Dotfiles and
   dot-folders are skipped; linked folders are followed, each real folder once (no loop)."""
@@ -59,7 +58,7 @@ def _walk(class_dir: str) -> List[str]:
   return out
 
 
-def _scan(split_dir: str, classes=None) -> Tuple[List[str], List[str], np.ndarray]:
+def _scan(split_dir: str, classes=None) -> tuple[list[str], list[str], np.ndarray]:
   """(classes, file paths, labels) of one split folder; `classes` given: labels from that list."""
   found = [c for c in _listdir(split_dir) if os.path.isdir(os.path.join(split_dir, c))]
   if not found:
@@ -86,7 +85,7 @@ def _scan(split_dir: str, classes=None) -> Tuple[List[str], List[str], np.ndarra
   return classes, paths, np.asarray(labels, np.int32)
 
 
-def _sniff(paths: List[str]) -> Tuple[set, bool]:
+def _sniff(paths: list[str]) -> tuple[set, bool]:
   """(set of (height, width), all grayscale) from the headers of (a spread of) `paths`; bad files -> error.
 
   PIL's own warnings (DecompressionBombWarning above ~89 megapixels, odd EXIF, ...) would print a stack line
@@ -94,6 +93,7 @@ def _sniff(paths: List[str]) -> Tuple[set, bool]:
   decoder, which never runs here (headers only; TF decodes), so a huge image is reported, not refused.
   """
   import warnings
+
   from PIL import Image, UnidentifiedImageError
   step = max(1, -(-len(paths) // SNIFF_LIMIT))
   sizes, gray = set(), True

@@ -8,7 +8,7 @@ see the same pixels. A file that cannot be decoded stops the stream with one lin
 """
 
 import os
-from typing import Callable, Iterator, Tuple
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -30,7 +30,7 @@ def _example(prep: augment.Preprocess, image):
   return tf.ensure_shape(image, prep.output_shape)
 
 
-def train_dataset(source, prep: augment.Preprocess, *, seed: int, global_batch: int, rows: Tuple[int, int],
+def train_dataset(source, prep: augment.Preprocess, *, seed: int, global_batch: int, rows: tuple[int, int],
                   start_step: int, num_steps: int, threads: int = 0, steps_per_element: int = 1) -> tf.data.Dataset:
   """Batches `start_step .. num_steps-1` of the train stream, this process's rows of each.
 
@@ -82,7 +82,7 @@ def _batch(prep, read_result, **extra):
   return {'image': tf.ensure_shape(prep.eval(images), [None, *prep.output_shape]), 'label': labels, **extra}
 
 
-def eval_dataset(source, prep: augment.Preprocess, *, eval_batch: int, rows: Tuple[int, int],
+def eval_dataset(source, prep: augment.Preprocess, *, eval_batch: int, rows: tuple[int, int],
                  threads: int = 0) -> tf.data.Dataset:
   """Every eval batch (last one padded), this process's rows: adds `mask` float32 (1 = real example)."""
   idx, mask = order.eval_batches(source.num_examples('eval'), eval_batch)

@@ -17,29 +17,37 @@ format, and nothing is read whole: the pipeline asks each source only for this p
 """
 
 import os
-from typing import Optional
 
 import paths
 from errors import UserError, setting
 from input_pipeline import idx
-from input_pipeline.base import (DATASETS, SPLITS, DatasetSpec, InMemoryDataset, Source, check_classes, data_dir,
-                                 digest_of, how_to_get)
+from input_pipeline.base import (
+  DATASETS,
+  SPLITS,
+  DatasetSpec,
+  InMemoryDataset,
+  Source,
+  check_classes,
+  data_dir,
+  digest_of,
+  how_to_get,
+)
 
 __all__ = ['DATASETS', 'SPLITS', 'DatasetSpec', 'InMemoryDataset', 'Source', 'check_classes', 'data_dir',
            'digest_of', 'how_to_get', 'load', 'load_idx', 'SOURCES']
 
 
-def _idx_dir(name: str, data_dir: str) -> Optional[str]:
+def _idx_dir(name: str, data_dir: str) -> str | None:
   return data_dir or (DATASETS[name].idx_dir if name in DATASETS else None)
 
 
-def _has_idx_files(directory: Optional[str]) -> bool:
+def _has_idx_files(directory: str | None) -> bool:
   if not directory or not os.path.isdir(directory):
     return False
   return any(f.startswith('train-images-idx3-ubyte') for f in os.listdir(directory))
 
 
-def load_idx(name: str, data_dir: str, num_classes: Optional[int] = None) -> InMemoryDataset:
+def load_idx(name: str, data_dir: str, num_classes: int | None = None) -> InMemoryDataset:
   directory = _idx_dir(name, data_dir)
   if directory is None:
     raise UserError(f'dataset {name!r} has no default IDX directory: set {setting("data_dir")} to a directory of '

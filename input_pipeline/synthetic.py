@@ -13,7 +13,6 @@ size. `augment` and `normalize` do not apply: the pixels are made at their final
 """
 
 import functools
-from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ _SPLIT_IDS = {'train': 0, 'eval': 1}
 _PATTERN_STREAM = 2  # fold_in tag of the class patterns, apart from the splits' streams.
 
 
-def examples(seed: int, split: str, indices, shape: Tuple[int, int, int], num_classes: int):
+def examples(seed: int, split: str, indices, shape: tuple[int, int, int], num_classes: int):
   """(float32 images indices.shape + shape in [0, 1), int32 labels indices.shape) of global `indices`."""
   base = jax.random.PRNGKey(seed)
   split_key = jax.random.fold_in(base, _SPLIT_IDS[split])

@@ -17,7 +17,7 @@ Example counts come from the files (or the data source), never from `info.splits
 import contextlib
 import os
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

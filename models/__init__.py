@@ -11,7 +11,7 @@ nothing of it.
 """
 
 import functools
-from typing import Callable, Dict
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import cpu_kernels
 import plugins
 from models import cnn, external, mlp, resnet, vit
 
-MODELS: Dict[str, Callable[..., nn.Module]] = {
+MODELS: dict[str, Callable[..., nn.Module]] = {
     'cnn': lambda config, **kw: cnn.CNN(**kw),
     'mlp': lambda config, **kw: mlp.MLP(**kw),
     **{name: functools.partial(resnet.build, name) for name in resnet.DEPTHS},

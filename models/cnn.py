@@ -1,6 +1,6 @@
 """The seed CNN: Conv32-BN-ReLU-AvgPool2, Conv64-BN-ReLU-AvgPool2, Dense256-ReLU, Dense10."""
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -14,7 +14,7 @@ class CNN(nn.Module):
   """
   num_classes: int = 10
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):

@@ -1,6 +1,6 @@
 """A tiny MLP with BatchNorm: fast to compile, used by tests and as a second registry entry."""
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -10,7 +10,7 @@ class MLP(nn.Module):
   """Flatten-Dense64-BN-ReLU-Dense(num_classes)."""
   num_classes: int = 10
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  bn_axis_name: str | None = None
   hidden: int = 64
 
   @nn.compact

@@ -9,7 +9,8 @@ Two stems:
 shallow variant (e.g. width 16, stages (1, 1, 1, 1)) keeps the tests and a 2-core CPU recipe fast.
 """
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -67,7 +68,7 @@ class ResNet(nn.Module):
   stem: str = 'auto'
   num_classes: int = 10
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = True):

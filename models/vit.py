@@ -4,11 +4,10 @@
 model is also the test case for exact gradient accumulation.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
-
 
 # name -> (width, depth, heads, mlp width)
 SIZES = {
@@ -45,7 +44,7 @@ class ViT(nn.Module):
   patch_size: int = 16
   num_classes: int = 10
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None  # Unused (no BatchNorm); accepted like every registry model.
+  bn_axis_name: str | None = None  # Unused (no BatchNorm); accepted like every registry model.
 
   @nn.compact
   def __call__(self, x, train: bool = True):

@@ -14,7 +14,7 @@ Single-process runs skip all of it.
 import json
 import sys
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from absl import logging
 
@@ -76,7 +76,7 @@ def data_difference(ref: dict, theirs: dict, peer: int) -> str:
   if len(mine) != len(other):
     what = f'{len(other)} vs {len(mine)} classes'
   elif mine != other:
-    k = next(k for k, (a, b) in enumerate(zip(other, mine)) if a != b)
+    k = next(k for k, (a, b) in enumerate(zip(other, mine, strict=True)) if a != b)
     what = f'class {k} named {other[k]!r} vs {mine[k]!r}'
   elif ref.get('examples') != theirs.get('examples'):
     a, b = theirs.get('examples', {}), ref.get('examples', {})
@@ -102,7 +102,7 @@ def _key(stage: str, who) -> str:
   return f'{_PREFIX}/{stage}/{who}'
 
 
-def _verdict_now(client, stage: str) -> Optional[str]:
+def _verdict_now(client, stage: str) -> str | None:
   try:
     return client.key_value_try_get(_key(stage, 'verdict'))
   except Exception:  # NOT_FOUND: nobody decided yet.

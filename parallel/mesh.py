@@ -1,6 +1,5 @@
 """One mesh with a `data` axis over every device of every process, and the layouts that go with it."""
 
-from typing import Tuple
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -43,7 +42,7 @@ def check_batch(global_batch: int, num_devices: int, what: str = 'batch_size') -
                     f'of {num_devices}, e.g. {" or ".join(map(str, near))}')
 
 
-def process_rows(mesh: Mesh, global_batch: int) -> Tuple[int, int]:
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
   """Rows [lo, hi) of every global batch that this process's devices hold."""
   index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
   starts = sorted((s[0].start or 0, s[0].stop if s[0].stop is not None else global_batch)

@@ -12,7 +12,6 @@ while biases, LayerNorm/BatchNorm vectors and scalars (a few KiB each; splitting
 costs a collective each) stay whole.
 """
 
-from typing import Dict
 
 import jax
 import numpy as np
@@ -41,7 +40,7 @@ def fsdp_spec(shape, num_devices: int, min_bytes: int, itemsize: int = 4) -> P:
 
 
 # config.shard_params -> the rule (shape, devices, min_bytes[, itemsize]) -> PartitionSpec.
-SHARD_PARAMS: Dict[str, object] = {'none': replicated_spec, 'fsdp': fsdp_spec}
+SHARD_PARAMS: dict[str, object] = {'none': replicated_spec, 'fsdp': fsdp_spec}
 
 
 def state_shardings(tree, mesh, mode: str = 'none', min_bytes: int = FSDP_MIN_BYTES):

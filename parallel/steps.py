@@ -23,7 +23,7 @@ whose step is shorter than the host's per-dispatch work.
 
 import dataclasses
 import functools
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -34,14 +34,12 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from errors import UserError, setting
-from parallel import deterministic
-from parallel import mesh as mesh_lib
-from parallel import sharding as sharding_lib
+from parallel import deterministic, mesh as mesh_lib, sharding as sharding_lib
 from parallel.mesh import AXIS, replicated
 from parallel.state import TrainState
 
 # bn_mode -> the axis the train model's BatchNorm reduces over (None: per device, synced before eval/save).
-BN_MODES: Dict[str, Optional[str]] = {'global': AXIS, 'local': None}
+BN_MODES: dict[str, str | None] = {'global': AXIS, 'local': None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,10 +479,10 @@ class JitStepper(GlobalBatches, Stepper):
 
 
 # parallel_backend -> Stepper class.
-BACKENDS: Dict[str, Callable[..., Stepper]] = {'shard_map': ShardMapStepper, 'pmap': PmapStepper, 'jit': JitStepper}
+BACKENDS: dict[str, Callable[..., Stepper]] = {'shard_map': ShardMapStepper, 'pmap': PmapStepper, 'jit': JitStepper}
 
 
-def train_bn_axis(config) -> Optional[str]:
+def train_bn_axis(config) -> str | None:
   """The `bn_axis_name` of the train model: BN_MODES' axis for the per-device backends, None under jit."""
   return None if BACKENDS[config.parallel_backend].reductions is GLOBAL else BN_MODES[config.bn_mode]
 

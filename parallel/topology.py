@@ -14,12 +14,11 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Optional
 
 from absl import logging
 
-from errors import UserError, first_line
 from cpu_kernels import malloc
+from errors import UserError, first_line
 
 PLATFORMS = ('auto', 'cpu', 'gpu', 'tpu')
 GPU_DETERMINISTIC_FLAG = '--xla_gpu_deterministic_ops=true'
@@ -159,9 +158,9 @@ def _compare_flags(num_processes: int, process_id: int, address: str, timeout_s:
                         f'--{key}={theirs.get(key)} on process {peer}: start every process with the same --{key}')
 
 
-def initialize_distributed(coordinator_address: Optional[str], num_processes: Optional[int],
-                           process_id: Optional[int], timeout_s: int = 120, heartbeat_timeout_s: int = 30,
-                           bind_address: Optional[str] = None) -> None:
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None, timeout_s: int = 120, heartbeat_timeout_s: int = 30,
+                           bind_address: str | None = None) -> None:
   """Joins the multi-process job, or does nothing for a single-process run.
 
   The coordinator (process 0) listens only on `bind_address`, by default the coordinator address itself:

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import os
 import shutil
-from typing import List
 
 from errors import UserError
 
@@ -179,7 +178,7 @@ def append_text(path: str, text: str) -> None:
   write_bytes(path, old + text.encode('utf-8'))
 
 
-def listdir(path: str) -> List[str]:
+def listdir(path: str) -> list[str]:
   """Names directly under `path` (files and directories), sorted; [] when there is nothing."""
   if not is_url(path):
     return sorted(os.listdir(path)) if os.path.isdir(path) else []

@@ -23,7 +23,7 @@ def make_image_folder(root: str, *, num_classes: int = 3, per_class=(8, 4), size
   """Class k is a bright horizontal band at row band k over noise, so a model can learn it."""
   rng = np.random.default_rng(seed)
   h, w = size
-  for split, n in zip(('train', eval_dir), per_class):
+  for split, n in zip(('train', eval_dir), per_class, strict=True):
     for k in range(num_classes):
       d = os.path.join(root, split, f'class_{k:02d}')
       os.makedirs(d, exist_ok=True)

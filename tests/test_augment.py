@@ -67,7 +67,7 @@ def test_augmented_resume_continues_the_same_stream(jpeg_source, stream, start_s
   prep, full = stream
   resumed = _stream(jpeg_source, prep, start_step=start_step)
   assert len(resumed) == STEPS - start_step
-  for got, ref in zip(resumed, full[start_step:]):
+  for got, ref in zip(resumed, full[start_step:], strict=True):
     np.testing.assert_array_equal(got['image'], ref['image'])
 
 
@@ -102,7 +102,7 @@ def test_one_vs_eight_devices_identical_batches(jpeg_source):
       f.close()
   one, eight = feed(1), feed(8)
   assert len(one) == len(eight) == 4
-  for a, b in zip(one, eight):
+  for a, b in zip(one, eight, strict=True):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
 
@@ -120,7 +120,7 @@ def test_cifar_is_a_shifted_flipped_copy():
   src = sources.InMemoryDataset(images, np.arange(N, dtype=np.int32), images, np.arange(N, dtype=np.int32), N, 't')
   flips = shifts = 0
   for b in _stream(src, _prep(src, 'cifar', size=0), num_steps=5):
-    for image, i in zip(b['image'], b['label']):
+    for image, i in zip(b['image'], b['label'], strict=True):
       padded = np.pad(images[i].astype(np.float32) / 255, ((4, 4), (4, 4), (0, 0)))
       match = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
                if np.allclose((padded[:, ::-1] if f else padded)[dy:dy + 8, dx:dx + 8], image, atol=1e-6)]

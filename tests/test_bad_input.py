@@ -183,6 +183,7 @@ def _huge_png_header(ctx):
   header sniff reads only that. The run then stops for the mixed sizes (no --config.image_size)."""
   import struct
   import zlib
+
   from tests.image_folders import make_image_folder
   root = make_image_folder(os.path.join(ctx.root, 'huge', 'data'), num_classes=2, per_class=(4, 2))
 
@@ -203,7 +204,8 @@ CASES = {  # name -> fn(ctx); the slow chain first so that it overlaps everythin
     'config_bad_type': lambda c: _run(c, 'bad_type', '--config.batch_size=abc'),
     'config_alias_lr': lambda c: _run(c, 'alias_lr', '--config.lr=0.1'),
     'config_nearest': lambda c: _run(c, 'nearest', '--config.profile=3'),
-    **{f'value:{kv}': (lambda kv: lambda c: _run(c, kv, f'--config.{kv}'))(kv) for kv in THROUGH_TRAIN_PY},
+    **{f'value:{kv}': (lambda kv: lambda c: _run(c, kv, f'--config.{kv}'))(kv)  # noqa: B023 (bound)
+       for kv in THROUGH_TRAIN_PY},
     'verbose': lambda c: _run(c, 'verbose', '--config.batch_size=0', '--verbose'),
     'verbose_1': lambda c: _run(c, 'verbose_1', '--config.batch_size=0', '--verbose=1'),
     'config_missing_keys': _config_missing_keys,
@@ -346,9 +348,9 @@ def test_config_value_out_of_range(runs, case):
 @pytest.mark.parametrize('kv', list(VALUE_CASES))
 def test_every_config_value_is_checked(kv):
   """The same message train.py prints, from the check it calls before touching anything."""
+  from configs import default
   from errors import UserError
   from trainer import config_check
-  from configs import default
   config = default.get_config()
   key, value = kv.split('=')
   with config.unlocked():

@@ -40,7 +40,7 @@ def test_matmul_kernel_gradient_equals_xla(x_shape, w_shape, strides, padding):
   w = jnp.asarray(rng.standard_normal(w_shape) * 0.3, jnp.float32)
   want = _grads(lax.conv_general_dilated, x, w, strides, padding)
   got = _grads(conv.conv_general_dilated, x, w, strides, padding)
-  for a, b in zip(got, want):
+  for a, b in zip(got, want, strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
   y = conv.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
   want_y = lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC)
@@ -105,7 +105,7 @@ def test_intercepted_conv_equals_flax(kw, x_shape, monkeypatch):
   got, want = _conv_grads(True, module, x), _conv_grads(False, module, x)
   tol = 2e-2 if kw.get('dtype') == jnp.bfloat16 else 1e-5
   assert jax.tree.structure(got) == jax.tree.structure(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert a.dtype == b.dtype
     np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol * float(jnp.abs(b).max()))
   assert bool(calls) == (len(x_shape) == 4 and 'kernel_dilation' not in kw and 'feature_group_count' not in kw)
@@ -142,5 +142,5 @@ def test_trainer_with_and_without_cpu_kernels_on_every_backend(backend):
     np.testing.assert_allclose(losses, want[0], rtol=1e-5, err_msg=setting)
     np.testing.assert_allclose(eval_loss, want[2], rtol=1e-4, err_msg=setting)
     for a, b in zip(jax.tree.leaves((state.params, state.batch_stats)),
-                    jax.tree.leaves((want[1].params, want[1].batch_stats))):
+                    jax.tree.leaves((want[1].params, want[1].batch_stats)), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=setting)

@@ -8,7 +8,11 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from configs import default
+from errors import UserError
+from input_pipeline import sources
 from parallel import deterministic, mesh as mesh_lib
+from trainer import checkpoints, config_check, job as job_lib
 
 V = 8
 COUNTS = (1, 2, 4, 8)
@@ -28,8 +32,8 @@ def _run(fn, n, *args, replicated=()):
 
 
 def _assert_same_bits(results):
-  for n, r in zip(COUNTS[1:], results[1:]):
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(r)):
+  for n, r in zip(COUNTS[1:], results[1:], strict=True):
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(r), strict=True):
       assert np.array_equal(a, b), f'{n} devices differ from 1: max |diff| {np.max(np.abs(a - b))}'
 
 
@@ -109,10 +113,6 @@ def test_scan_slices_gradients_same_bits():
 
 # --- deterministic=True in the trainer's steps (in process, sub-meshes of the 8 simulated devices) ----------------
 
-from configs import default  # noqa: E402
-from input_pipeline import sources  # noqa: E402
-from trainer import checkpoints, config_check, job as job_lib  # noqa: E402
-from errors import UserError  # noqa: E402
 
 
 def _job_run(n, model='mlp', backend='shard_map', steps=4, hw=8, batch=32, **overrides):
@@ -148,11 +148,11 @@ def _job_run(n, model='mlp', backend='shard_map', steps=4, hw=8, batch=32, **ove
 
 
 def _assert_bits(ref, got, what):
-  for part, a, b in zip(('state', 'train metrics', 'eval sums'), ref, got):
+  for part, a, b in zip(('state', 'train metrics', 'eval sums'), ref, got, strict=True):
     flat_a = jax.tree_util.tree_leaves_with_path(a)
     flat_b = jax.tree.leaves(b)
     assert len(flat_a) == len(flat_b), (what, part)
-    bad = [jax.tree_util.keystr(k) for (k, x), y in zip(flat_a, flat_b) if not np.array_equal(x, y)]
+    bad = [jax.tree_util.keystr(k) for (k, x), y in zip(flat_a, flat_b, strict=True) if not np.array_equal(x, y)]
     assert not bad, f'{what}: {part} differ from 1 device in {bad[:5]}'
 
 
@@ -175,7 +175,7 @@ def test_deterministic_math_is_the_plain_step():
   plain = _job_run(2, **RECIPE, deterministic=False, cpu_kernels='off')
   for k in det[0]:
     np.testing.assert_allclose(det[0][k], plain[0][k], rtol=1e-5, atol=1e-6, err_msg=k)
-  for a, b in zip(det[1], plain[1]):
+  for a, b in zip(det[1], plain[1], strict=True):
     np.testing.assert_allclose(a['loss_sum'], b['loss_sum'], rtol=1e-5)
   # And the plain step does round by topology, so the test above is not trivially passing.
   other = _job_run(8, **RECIPE, deterministic=False, cpu_kernels='off')

@@ -69,7 +69,7 @@ def test_train_steps_equal_single_steps(backend, model, atol):
   a = jax.device_get(job.stepper.to_canonical(one))
   b = jax.device_get(job.stepper.to_canonical(block))
   assert int(a.step) == int(b.step) == 4
-  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
     np.testing.assert_allclose(x, y, atol=atol, rtol=0)
 
 
@@ -100,7 +100,7 @@ def test_run_with_steps_per_dispatch_equals_single_steps_and_resumes(tmp_path, d
   assert final.returncode == 0 and f'resuming at step {stopped[0]}' in final.stderr, final.stderr[-3000:]
   a, b = harness.metrics(single), harness.metrics(term)
   assert [(e['kind'], e['step']) for e in a] == [(e['kind'], e['step']) for e in b]  # Same events, same steps.
-  for x, y in zip(a, b):
+  for x, y in zip(a, b, strict=True):
     if x['kind'] == 'eval':  # (A train event's window after the resume is shorter: its mean differs.)
       for key in ('test_loss', 'test_accuracy'):
         assert abs(x[key] - y[key]) < 1e-5, (x, y)

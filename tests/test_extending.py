@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cpu_kernels
 import plugins
 from configs import default
-import cpu_kernels
 from errors import UserError
 from models import create_model
 from tests import harness, job_steps

@@ -12,8 +12,7 @@ from configs import tiny
 from errors import UserError
 from input_pipeline import augment, order, pipeline, sources
 from parallel import mesh as mesh_lib
-from trainer import job as job_lib
-from trainer import loop
+from trainer import job as job_lib, loop
 
 N, B, SHAPE = 100, 16, (4, 4, 1)  # 6 full batches per epoch; 4 examples are dropped each epoch.
 SPE = N // B
@@ -57,7 +56,7 @@ def _check_stream(batches, arrays, expected):
   """Each batch holds exactly the expected examples, in order, with images scaled to float32 [0, 1]."""
   images, _ = arrays
   assert len(batches) == len(expected)
-  for batch, idx in zip(batches, expected):
+  for batch, idx in zip(batches, expected, strict=True):
     np.testing.assert_array_equal(batch['label'], idx)
     assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int32
     np.testing.assert_allclose(batch['image'], images[idx].astype(np.float32) / 255.0, rtol=1e-6, atol=0)
@@ -90,7 +89,7 @@ def test_same_global_batches_for_any_device_count(train_arrays, full_stream, num
   assert rows == (0, B)  # One process holds every row.
   batches = _stream(train_arrays, rows=rows)
   _check_stream(batches, train_arrays, _expected_indices())
-  for got, ref in zip(batches, full_stream):
+  for got, ref in zip(batches, full_stream, strict=True):
     np.testing.assert_array_equal(got['image'], ref['image'])
   # On the devices: device i of the mesh holds rows [i*B/k, (i+1)*B/k) of the global batch.
   placed = mesh_lib.to_global(mesh, batches[1])
@@ -145,7 +144,7 @@ def test_each_epoch_reshuffles(full_stream):
 
 def test_seed_changes_order_and_is_deterministic(train_arrays, full_stream):
   again = _stream(train_arrays, num_steps=SPE)
-  for a, b in zip(again, full_stream):
+  for a, b in zip(again, full_stream[:SPE], strict=True):
     np.testing.assert_array_equal(a['label'], b['label'])
   other = _stream(train_arrays, num_steps=SPE, seed=1)
   _check_stream(other, train_arrays, _expected_indices(seed=1, num_steps=SPE))
@@ -175,7 +174,7 @@ def test_incomplete_last_batch_dropped(train_arrays, full_stream):
 def test_resume_yields_the_rest_of_the_stream(train_arrays, full_stream, start_step):
   resumed = _stream(train_arrays, start_step=start_step)
   assert len(resumed) == NUM_STEPS - start_step
-  for got, ref in zip(resumed, full_stream[start_step:]):
+  for got, ref in zip(resumed, full_stream[start_step:], strict=True):
     np.testing.assert_array_equal(got['label'], ref['label'])
     np.testing.assert_array_equal(got['image'], ref['image'])
 
@@ -186,7 +185,7 @@ def test_stream_ends_exactly_at_num_steps(train_arrays, full_stream, start_step)
     got = _stream(train_arrays, start_step=start_step, num_steps=num_steps)
     ref = full_stream[start_step:num_steps]
     assert len(got) == len(ref), (start_step, num_steps)
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
       np.testing.assert_array_equal(g['label'], r['label'])
 
 

@@ -10,10 +10,8 @@ import pytest
 from configs import default
 from input_pipeline import sources
 from models import create_model
-from parallel import mesh as mesh_lib
-from parallel import steps
-from trainer import job as job_lib
-from trainer import loop, optim
+from parallel import mesh as mesh_lib, steps
+from trainer import job as job_lib, loop, optim
 
 FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 

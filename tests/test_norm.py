@@ -79,7 +79,7 @@ def _loss_and_grads(kernels, relu, pool, variables, x, axis_name=None, conv=Fals
 
 def _assert_trees_close(got, want, rtol=1e-5):
   assert jax.tree.structure(got) == jax.tree.structure(want)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(1.0, float(jnp.abs(b).max())))
 
 
@@ -166,9 +166,9 @@ def test_unusual_settings_run_flax_code(monkeypatch):
   for kw in (dict(axis=1), dict(use_fast_variance=False), dict(use_scale=False)):
     bn = nn.BatchNorm(use_running_average=False, **kw)
     variables = bn.init(jax.random.PRNGKey(0), x)
-    fn = lambda v, x: _apply(True, bn, v, x, mutable=['batch_stats'])[0].sum()
-    _assert_trees_close(jax.grad(fn)(variables, x), jax.grad(lambda v, x: bn.apply(
-        v, x, mutable=['batch_stats'])[0].sum())(variables, x))
+    fn = lambda v, x, bn=bn: _apply(True, bn, v, x, mutable=['batch_stats'])[0].sum()
+    plain = lambda v, x, bn=bn: bn.apply(v, x, mutable=['batch_stats'])[0].sum()
+    _assert_trees_close(jax.grad(fn)(variables, x), jax.grad(plain)(variables, x))
   assert not calls
 
 

@@ -103,7 +103,7 @@ def test_local_bn_sync_is_mean_of_devices():
   rows = jax.tree.leaves(before)
   assert any(np.max(np.abs(r - r[:1])) > 1e-6 for r in rows), 'devices should hold different local stats'
   synced = jax.tree.map(np.asarray, stepper.sync_batch_stats(state).batch_stats)
-  for b, s in zip(rows, jax.tree.leaves(synced)):
+  for b, s in zip(rows, jax.tree.leaves(synced), strict=True):
     np.testing.assert_allclose(s, np.broadcast_to(b.mean(0), b.shape), rtol=1e-6, atol=1e-7)
 
 
@@ -208,8 +208,7 @@ def test_jit_cnn_eight_devices_match_one(one_device):
 def test_fsdp_state_bytes_per_device(model):
   """From abstract shapes only (nothing initialised): FSDP keeps at most 1/6 of the replicated state per device."""
   from models import create_model
-  from parallel import sharding
-  from parallel import state as state_lib
+  from parallel import sharding, state as state_lib
   from trainer import optim
   config = _config(model=model, ema_decay=0.999)
   mesh = mesh_lib.make_mesh(8)

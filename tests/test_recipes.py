@@ -14,8 +14,7 @@ from configs import default
 from errors import UserError
 from parallel import mesh as mesh_lib
 from tests.conftest import make_fake_mnist
-from trainer import job as job_lib
-from trainer import loop, utilization
+from trainer import job as job_lib, loop, utilization
 
 # Narrow the nets (the recipes' optimizer, schedule, dtype, smoothing, EMA... stay): full width would compile
 # for minutes on 2 cores. tests/test_models.py checks the full-size architectures' parameter counts.

@@ -245,7 +245,7 @@ def test_sigterm_during_start_up_exits_zero_with_one_line(tmp_path, data_dir):
     workdir = str(tmp_path / name)
     log = str(tmp_path / f'{name}.log')
     proc = harness.start_train(workdir, *_args(data_dir), log_path=log)
-    assert harness.wait_for(lambda: wait(workdir) or proc.poll() is not None, timeout=120)
+    assert harness.wait_for(lambda: wait(workdir) or proc.poll() is not None, timeout=120)  # noqa: B023 (now)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, open(log).read()[-3000:]
     text = open(log).read()
@@ -288,7 +288,7 @@ def test_hangup_and_slurm_warning_during_start_up_exit_zero_with_one_line(tmp_pa
     workdir = str(tmp_path / name)
     log = str(tmp_path / f'{name}.log')
     proc = harness.start_train(workdir, *_args(data_dir), log_path=log)
-    assert harness.wait_for(lambda: wait(workdir) or proc.poll() is not None, timeout=120)
+    assert harness.wait_for(lambda: wait(workdir) or proc.poll() is not None, timeout=120)  # noqa: B023 (now)
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == 0, open(log).read()[-3000:]
     text = open(log).read()
@@ -333,8 +333,8 @@ def test_closed_terminal_saves_and_exits_zero(tmp_path, data_dir):
   the kernel sends SIGHUP and every later write to the terminal fails (EIO). It still saves and exits 0."""
   import fcntl
   import pty
-  import subprocess
   import select
+  import subprocess
   import termios
   master, slave = pty.openpty()
 

@@ -46,7 +46,7 @@ def test_examples_follow_the_order_and_do_not_depend_on_the_layout():
   assert 0 <= one[0]['image'].min() and one[0]['image'].max() < 1 and len(np.unique(one[0]['label'])) > 2
   for backend, devices in (('shard_map', 8), ('pmap', 8), ('jit', 4)):
     _, other = _train_batches(backend, devices, steps=70)
-    for a, b in zip(one, other):
+    for a, b in zip(one, other, strict=True):
       for key in ('image', 'label'):
         np.testing.assert_array_equal(_flat(a)[key], _flat(b)[key], err_msg=f'{backend} {devices}')
   _, stacked = _train_batches('shard_map', 8, steps=3, sizes=[2, 1])

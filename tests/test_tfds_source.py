@@ -71,7 +71,7 @@ def test_real_download_and_prepare_then_random_access(tmp_path):
   prep = augment.Preprocess('none', 0, channels=3, native_shape=src.image_shape)
   batches = list(pipeline.as_numpy(pipeline.eval_dataset(src, prep, eval_batch=8, rows=(0, 8))))
   got = sorted((int(y), tuple((img * 255).round().astype(np.uint8).ravel()))
-               for b in batches for img, y, m in zip(b['image'], b['label'], b['mask']) if m)
+               for b in batches for img, y, m in zip(b['image'], b['label'], b['mask'], strict=True) if m)
   want = sorted((y, tuple(img.ravel())) for y, img in written['validation'])
   assert got == want
   assert src.name_of('train', 2).startswith('record 2 of the train split') and '.tfrecord' in src.name_of('train', 2)

@@ -82,7 +82,7 @@ def test_sigkill_anywhere_then_resume_is_identical(tmp_path, data_dir, uninterru
   points = sorted(rnd.sample(range(8, 88, 4), 2))
   for target in points:
     proc = harness.start_train(workdir, *_args(data_dir), log_path=str(tmp_path / f'kill{target}.log'))
-    _kill_when(proc, lambda: any(e['step'] >= target for e in harness.metrics(workdir)))
+    _kill_when(proc, lambda: any(e['step'] >= target for e in harness.metrics(workdir)))  # noqa: B023 (now)
   proc = harness.start_train(workdir, *_args(data_dir), log_path=str(tmp_path / 'kill_save.log'))
   before = harness.checkpoint_steps(workdir)
   _kill_when(proc, lambda: _saving(workdir) and harness.checkpoint_steps(workdir) == before)
@@ -92,9 +92,10 @@ def test_sigkill_anywhere_then_resume_is_identical(tmp_path, data_dir, uninterru
   harness.assert_states_close(harness.load_checkpoint(uninterrupted), harness.load_checkpoint(workdir), atol=1e-6)
   assert _eval_lines(workdir) == _eval_lines(uninterrupted) or all(
       np.isclose(a['test_loss'], b['test_loss'], atol=1e-6) and a['step'] == b['step']
-      for a, b in zip(_eval_lines(workdir), _eval_lines(uninterrupted)))
+      for a, b in zip(_eval_lines(workdir), _eval_lines(uninterrupted), strict=True))
   steps = [e['step'] for e in harness.metrics(workdir)]
-  assert steps == sorted(steps) and len(steps) == len(set(zip(steps, [e['kind'] for e in harness.metrics(workdir)])))
+  kinds = [e['kind'] for e in harness.metrics(workdir)]
+  assert steps == sorted(steps) and len(steps) == len(set(zip(steps, kinds, strict=True)))
 
 
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dir, uninterrupted):

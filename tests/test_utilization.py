@@ -6,8 +6,7 @@ import numpy as np
 from configs import default
 from input_pipeline import sources
 from parallel import mesh as mesh_lib
-from trainer import job as job_lib
-from trainer import utilization
+from trainer import job as job_lib, utilization
 
 
 def test_train_step_flops_compile_nothing(monkeypatch):

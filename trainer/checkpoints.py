@@ -13,7 +13,6 @@ in Orbax's background thread) stops the run with one `SaveFailed` line instead o
 import hashlib
 import json
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +24,8 @@ from jax.experimental import multihost_utils
 import storage
 from errors import UserError, first_line, setting
 from parallel import agreement
-from trainer import workdir as workdir_lib
 from parallel.state import checkpoint_tree, from_checkpoint_tree
+from trainer import workdir as workdir_lib
 
 CHECKSUM_KEY = 'state_sha256'
 
@@ -100,7 +99,7 @@ def _all_finite(tree) -> jax.Array:
 def _class_mismatch(saved: list, current: list) -> str:
   if len(saved) != len(current):
     return f'{len(saved)} classes (this run: {len(current)})'
-  k = next(k for k, (a, b) in enumerate(zip(saved, current)) if a != b)
+  k = next(k for k, (a, b) in enumerate(zip(saved, current, strict=True)) if a != b)
   return f'class {k} named {saved[k]!r} (this run: {current[k]!r})'
 
 
@@ -158,7 +157,7 @@ class Checkpoints:
     self.directory = storage.join(workdir_lib.absolute(workdir), 'checkpoints')
     self.fingerprint = fp
     self.save_seconds = 0.0  # Host time spent in save() (checksum + starting the async write).
-    self._pending: Optional[int] = None  # A step whose async save was started but not yet confirmed.
+    self._pending: int | None = None  # A step whose async save was started but not yet confirmed.
     workdir_lib.check_checkpoint_dir(self.directory, create=True)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     try:
@@ -167,7 +166,7 @@ class Checkpoints:
       raise UserError(f'cannot create {self.directory} ({e.__class__.__name__}: {e}): choose a writable '
                       '--workdir') from None
 
-  def latest_step(self) -> Optional[int]:
+  def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def _failed(self, step, error: BaseException) -> UserError:

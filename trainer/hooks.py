@@ -8,7 +8,8 @@ compiled step (EMA, gradient accumulation) does not belong here. A config adds i
 import dataclasses
 import functools
 import time
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import plugins
 from errors import UserError, setting
@@ -83,8 +84,8 @@ class StepInfo:
   workdir: str
   config: Any
   is_main: bool
-  train: Optional[dict]
-  eval: Optional[dict]
+  train: dict | None
+  eval: dict | None
   _state: Callable[[], Any]
   _write: Callable[[dict], None]
 
@@ -96,7 +97,7 @@ class StepInfo:
     self._write({'kind': 'hook', 'hook': self.name, 'step': self.step, **values})
 
 
-def parse(spec: str) -> List[Tuple[str, int]]:
+def parse(spec: str) -> list[tuple[str, int]]:
   """`config.hooks` = 'MODULE:ATTR@EVERY,...' -> [(MODULE:ATTR, EVERY)]; EVERY 0 = at the last step only."""
   out = []
   for item in (s.strip() for s in spec.split(',')):
@@ -110,7 +111,7 @@ def parse(spec: str) -> List[Tuple[str, int]]:
   return out
 
 
-def resolve(spec: str) -> List[Tuple[str, Callable, int]]:
+def resolve(spec: str) -> list[tuple[str, Callable, int]]:
   """[(name, fn, every)] of `config.hooks`; each fn a callable of one argument (a `StepInfo`)."""
   out = []
   for path, every in parse(spec):
@@ -123,7 +124,7 @@ def resolve(spec: str) -> List[Tuple[str, Callable, int]]:
   return out
 
 
-def from_config(config, info: Callable[[str, int], StepInfo]) -> List[Periodic]:
+def from_config(config, info: Callable[[str, int], StepInfo]) -> list[Periodic]:
   """The `Periodic` actions of `config.hooks`, each called with `info(name, step)`; they run after the
   built-in actions at a step, in the order given, at their multiples and at the last step."""
   def action(name, fn, every):

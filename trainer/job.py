@@ -5,7 +5,8 @@ added to the job (a model, an optimizer option, a data source) is trained, measu
 """
 
 import dataclasses
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,10 +18,8 @@ from errors import UserError, setting
 from input_pipeline import augment, device_feed, order, sources
 from models import create_model, external
 from models.vit import SIZES as VIT_MODELS
-from parallel import mesh as mesh_lib
-from parallel import steps
+from parallel import mesh as mesh_lib, state as state_lib, steps
 from trainer import optim
-from parallel import state as state_lib
 
 
 @dataclasses.dataclass
@@ -58,8 +57,8 @@ class Job:
     eval_model = create_model(c, num_classes=self.data.num_classes, bn_axis_name=None)
     return steps.make_stepper(c, self.mesh, model, eval_model, self.tx)
 
-  def train_feed(self, start_step: int, num_steps: Optional[int] = None,
-                 sizes: Optional[Iterable[int]] = None) -> device_feed.Prefetcher:
+  def train_feed(self, start_step: int, num_steps: int | None = None,
+                 sizes: Iterable[int] | None = None) -> device_feed.Prefetcher:
     """Placed train batches `start_step .. num_steps-1` (default: to the end of the run), this process's rows.
 
     With `sizes` (the loop's dispatch plan, `hooks.dispatch_sizes`) it yields one item per dispatch: a batch
@@ -94,7 +93,7 @@ class Job:
     if getattr(self.data, 'on_device', False):
       idx, mask = order.eval_batches(self.data.num_examples('eval'), c.eval_batch_size)
       return self._generated('eval', ({'index': i[rows[0]:rows[1]], 'mask': m[rows[0]:rows[1]].astype('float32')}
-                                      for i, m in zip(idx, mask)), rows[1] - rows[0])
+                                      for i, m in zip(idx, mask, strict=True)), rows[1] - rows[0])
     from input_pipeline import pipeline
     ds = pipeline.eval_dataset(self.data, self.prep, eval_batch=c.eval_batch_size, rows=rows, threads=c.data_threads)
 
@@ -165,7 +164,7 @@ def model_config(config):
   return c
 
 
-def build(config, *, mesh=None, data: Optional[sources.Source] = None) -> Job:
+def build(config, *, mesh=None, data: sources.Source | None = None) -> Job:
   """Resolves `config` (validated by `trainer.config_check`) on `mesh` (default: every device) and `data`
   (default: `config.dataset` from `config.data_source`)."""
   mesh = mesh if mesh is not None else mesh_lib.make_mesh()

@@ -2,7 +2,7 @@
 
 import collections
 import itertools
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import jax
 from absl import logging
@@ -11,8 +11,17 @@ import paths
 from errors import UserError, setting
 from input_pipeline import sources
 from parallel import agreement, sharding, topology
-from trainer import checkpoints, hooks, job as job_lib, optim, plots, reporting, utilization, workdir as workdir_lib
-from trainer import preemption as preemption_lib
+from trainer import (
+  checkpoints,
+  hooks,
+  job as job_lib,
+  optim,
+  plots,
+  preemption as preemption_lib,
+  reporting,
+  utilization,
+  workdir as workdir_lib,
+)
 from trainer.profiling import Profiler
 
 # A step whose mean loss exceeds this factor x max(first step's loss, 1) has diverged, finite or not. Cross-
@@ -73,7 +82,7 @@ class _StepMetrics:
     if not pending:
       return
     values = self._stepper.metrics([m for _, m in pending])  # One transfer for many steps.
-    for (step, _), m in zip(pending, values):
+    for (step, _), m in zip(pending, values, strict=True):
       if isinstance(step, range):
         for j, one in enumerate(step):
           self._add(one, {name: value[j] for name, value in m.items()})
@@ -139,13 +148,13 @@ class Trainer:
     self.reporter = reporting.Reporter(workdir, self.is_main, self.start_step)
     self.window = _StepMetrics(job.stepper, self.config.max_steps_in_flight, self.last_checkpoint)
     self.speed = reporting.Throughput(self.start_step, job.total_steps, self.config.batch_size)
-    self.final: Optional[dict] = None
+    self.final: dict | None = None
     self.feed = None
-    self.phase: Optional[str] = None  # What runs besides train steps (an eval, a save), for a lost-peer line.
+    self.phase: str | None = None  # What runs besides train steps (an eval, a save), for a lost-peer line.
     c = self.config
     self.utilization = utilization.Utilization(job)
     self.profiler = Profiler(workdir, c.profile_steps, self.start_step, job.total_steps)
-    self.last_train: Optional[dict] = None
+    self.last_train: dict | None = None
     # The periodic actions, in the order they run at a step; a new one is one line here (or, from a config,
     # an entry of `config.hooks`).
     self.actions = [

@@ -7,7 +7,7 @@ scales and offsets, or ViT position embeddings, as in the Flax ImageNet example 
 
 import json
 import types
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import jax
 import optax
@@ -17,7 +17,7 @@ import storage
 from errors import UserError
 
 # name -> (config, peak_lr, total_steps) -> schedule
-SCHEDULES: Dict[str, Callable] = {
+SCHEDULES: dict[str, Callable] = {
     'constant': lambda c, lr, total: optax.constant_schedule(lr),
     'cosine': lambda c, lr, total: optax.cosine_decay_schedule(lr, max(total, 1)),
     'warmup_cosine': lambda c, lr, total: optax.warmup_cosine_decay_schedule(
@@ -39,7 +39,7 @@ def _sgd(c, lr):
 
 
 # name -> (config, schedule) -> optax.GradientTransformation
-OPTIMIZERS: Dict[str, Callable] = {
+OPTIMIZERS: dict[str, Callable] = {
     'sgd': _sgd,
     'adam': lambda c, lr: optax.adam(lr),
     'adamw': lambda c, lr: optax.adamw(lr, weight_decay=c.weight_decay, mask=decay_mask),
@@ -64,7 +64,7 @@ SCHEDULE_FIELDS = ('lr_schedule', 'learning_rate', 'lr_per_256', 'batch_size', '
                    'num_train_steps')
 
 
-def saved_schedule_config(workdir: str) -> Optional[dict]:
+def saved_schedule_config(workdir: str) -> dict | None:
   """The schedule fields of WORKDIR/config.json (the run being resumed), or None when it cannot be read. Read
   before this run records its own config there."""
   try:
@@ -74,7 +74,7 @@ def saved_schedule_config(workdir: str) -> Optional[dict]:
   return {k: saved[k] for k in SCHEDULE_FIELDS if k in saved} if isinstance(saved, dict) else None
 
 
-def log_schedule_change(saved: Optional[dict], config, steps_per_epoch: int, total_steps: int, step: int) -> None:
+def log_schedule_change(saved: dict | None, config, steps_per_epoch: int, total_steps: int, step: int) -> None:
   """On a resume at `step`: when the schedule differs from the saved run's (more epochs, more steps, another
   rate), one line with the learning rate at `step` under both: a longer cosine run climbs back up from ~0."""
   if not saved:

@@ -10,7 +10,6 @@ import logging as logging_std
 import os
 import sys
 import time
-from typing import Optional
 
 from absl import logging
 
@@ -168,7 +167,7 @@ def _unraisablehook(unraisable):
     sys.__unraisablehook__(unraisable)
 
 
-def quiet_library_logs(keep_tracebacks: Optional[bool] = None) -> None:
+def quiet_library_logs(keep_tracebacks: bool | None = None) -> None:
   """Installs the filter once (idempotent); `keep_tracebacks` (when given) sets whether library warnings keep
   their tracebacks."""
   if keep_tracebacks is not None:

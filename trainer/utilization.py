@@ -7,14 +7,12 @@ cores, so each device's peak is its share of the measured total).
 
 import functools
 import time
-from typing import Optional
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from parallel import mesh as mesh_lib
-from parallel import sharding
+from parallel import mesh as mesh_lib, sharding
 
 # device_kind prefix -> {dtype: dense FLOP/s of one JAX device}. TPU v2/v3 devices are cores (half a chip);
 # v4 and later are chips. GPU float32 is the TF32 tensor-core rate (XLA's default matmul precision on Ampere
@@ -51,13 +49,13 @@ def cost_flops(program) -> float:
   return float((cost or {}).get('flops', 0.0))
 
 
-def table_peak(device_kind: str, dtype: str) -> Optional[float]:
+def table_peak(device_kind: str, dtype: str) -> float | None:
   """The table's peak for a device kind (longest matching prefix), or None for an unknown kind."""
   matches = [k for k in PEAK_FLOPS if device_kind.startswith(k)]
   return PEAK_FLOPS[max(matches, key=len)][dtype] if matches else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_cpu_peak(num_devices: int, n: int = 1024, reps: int = 5) -> float:
   """Float32 matmul FLOP/s of one of `num_devices` CPU devices all multiplying at once (median of `reps`)."""
   mesh = mesh_lib.make_mesh(num_devices)
@@ -73,7 +71,7 @@ def measured_cpu_peak(num_devices: int, n: int = 1024, reps: int = 5) -> float:
   return 2.0 * n ** 3 / float(np.median(times))
 
 
-def device_peak(mesh, dtype: str) -> Optional[float]:
+def device_peak(mesh, dtype: str) -> float | None:
   """Peak FLOP/s of one device of `mesh` in `dtype`: the table for TPUs/GPUs, measured on a CPU."""
   device = mesh.devices.flat[0]
   if device.platform == 'cpu':
@@ -82,7 +80,7 @@ def device_peak(mesh, dtype: str) -> Optional[float]:
   return table_peak(device.device_kind, dtype)
 
 
-def train_step_flops(job, state) -> Optional[float]:
+def train_step_flops(job, state) -> float | None:
   """FLOPs of one device's train step: XLA's cost analysis of the same math with XLA's convolutions
   (`Job.flops_stepper`), lowered but not compiled, so it costs a trace, not a second compile. None where the
   backend offers no cost analysis."""

@@ -7,7 +7,7 @@ import fcntl
 import json
 import os
 import socket
-from typing import Any, Optional
+from typing import Any
 
 from absl import logging
 
@@ -165,9 +165,9 @@ class Start:
   """What process 0 decided about starting in a workdir; `record` writes it once the start is accepted."""
   workdir: str
   config: Any
-  entry: Optional[dict] = None  # The config_history.jsonl entry (without its step), if anything changed.
+  entry: dict | None = None  # The config_history.jsonl entry (without its step), if anything changed.
 
-  def record(self, step: Optional[int]) -> None:
+  def record(self, step: int | None) -> None:
     """Writes config.json and the history entry (at the restored `step`), on process 0. Eval-only leaves both
     as training left them: it changes nothing of the run."""
     import jax

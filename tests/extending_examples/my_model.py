@@ -5,7 +5,7 @@ The trainer calls `SmallNet(num_classes=..., **config.model_kwargs)` and, becaus
 statistics; None where none is needed).
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ class SmallNet(nn.Module):
   num_classes: int
   width: int = 16
   dtype: Any = jnp.float32
-  bn_axis_name: Optional[str] = None
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, images, train: bool):
