@@ -80,22 +80,24 @@ def bucket(path: str) -> str:
   return _key(path).split('/', 1)[0]
 
 
+def advice(path: str, e: BaseException) -> str:
+  """What to do about a failed storage request on `path`, from the error's kind (for one-line errors)."""
+  low = f'{e.__class__.__name__}: {e}'.lower()
+  where = f'{scheme(path)}://{bucket(path)}' if is_url(path) else path
+  if isinstance(e, PermissionError) or '403' in low or '401' in low or 'forbidden' in low or 'access denied' in low:
+    return 'give the credentials access to it, or choose another path'
+  if 'nosuchbucket' in low or 'bucket' in low and ('not found' in low or 'not exist' in low):
+    return f'create the bucket {where} first, or fix the name'
+  if any(w in low for w in ('connect', 'timeout', 'timed out', 'unreachable', 'name or service', 'refused')):
+    return (f'the storage endpoint {endpoint(path)} does not answer: check the network, STORAGE_EMULATOR_HOST / '
+            'AWS_ENDPOINT_URL, then rerun')
+  return 'check the path, the bucket and the credentials, then rerun'
+
+
 def storage_error(path: str, e: BaseException, doing: str) -> UserError:
   """One line for a failed storage request on `path` (`doing`: 'read', 'write', ...)."""
   text = f'{e.__class__.__name__}: {e}'.splitlines()[0][:200]
-  where = f'{scheme(path)}://{bucket(path)}' if is_url(path) else path
-  low = text.lower()
-  if isinstance(e, PermissionError) or '403' in low or '401' in low or 'forbidden' in low or 'access denied' in low:
-    fix = 'give the credentials access to it, or choose another path'
-  elif 'nosuchbucket' in low or 'bucket' in low and ('not found' in low or 'not exist' in low):
-    fix = f'create the bucket {where} first, or fix the name'
-  elif any(w in low for w in ('connect', 'timeout', 'timed out', 'unreachable', 'name or service', 'refused')):
-    endpoint = os.environ.get('STORAGE_EMULATOR_HOST' if scheme(path) == 'gs' else 'AWS_ENDPOINT_URL', '')
-    fix = (f'the storage endpoint{" " + endpoint if endpoint else ""} does not answer: check the network, '
-           'STORAGE_EMULATOR_HOST / AWS_ENDPOINT_URL, then rerun')
-  else:
-    fix = 'check the path, the bucket and the credentials, then rerun'
-  return UserError(f'cannot {doing} {path} ({text}): {fix}')
+  return UserError(f'cannot {doing} {path} ({text}): {advice(path, e)}')
 
 
 def _call(path: str, doing: str, fn, *args, **kwargs):
@@ -236,9 +238,39 @@ def upload(local: str, url: str) -> None:
     write_bytes(url, f.read())
 
 
+CONNECT_TIMEOUT_S = 10  # For the start's reachability check: the clients' own retries take ~35 s (gcsfs: 6 tries).
+
+
+def endpoint(path: str) -> str:
+  """The URL requests for `path` go to: the variable users set, or the store's public endpoint."""
+  if scheme(path) == 'gs':
+    url = os.environ.get('STORAGE_EMULATOR_HOST') or 'https://storage.googleapis.com'
+  else:
+    url = os.environ.get('AWS_ENDPOINT_URL') or 'https://s3.amazonaws.com'
+  return url if '://' in url else f'http://{url}'
+
+
+def check_reachable(path: str) -> None:
+  """One TCP connection to `path`'s endpoint within `CONNECT_TIMEOUT_S`: an endpoint that does not answer
+  stops the start in seconds, not after the clients' retries. Behind an HTTPS proxy the clients' own route
+  is the only test."""
+  if os.environ.get('HTTPS_PROXY') or os.environ.get('https_proxy'):
+    return
+  import socket
+  import urllib.parse
+  u = urllib.parse.urlsplit(endpoint(path))
+  port = u.port or (443 if u.scheme == 'https' else 80)
+  try:
+    socket.create_connection((u.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+  except OSError as e:
+    raise storage_error(path, ConnectionError(f'cannot connect to {u.hostname}:{port}: {e}'), 'reach') from None
+
+
 def probe_writable(path: str) -> None:
-  """Writes and deletes one small object under `path`: proves the bucket exists and the credentials may write,
-  before any work starts."""
+  """Writes and deletes one small object under `path`: proves the endpoint answers, the bucket exists and the
+  credentials may write, before any work starts."""
+  if is_url(path):
+    check_reachable(path)
   name = join(path, f'.write_test_{os.getpid()}')
   write_bytes(name, b'ok')
   remove(name)

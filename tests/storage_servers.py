@@ -64,14 +64,15 @@ def fake_gcs_binary() -> str:
   return str(wrapper._get_binary_path())
 
 
-def start_gcs() -> Server:
+def start_gcs(external_url: str = '') -> Server:
   """fake-gcs-server, in memory, over plain HTTP. `-external-url` makes the resumable-upload URLs it hands out
-  point back at it (the default names storage.googleapis.com)."""
+  point back at it (the default names storage.googleapis.com), or at `external_url` (a proxy in front of it)."""
   port = free_port()
   url = f'http://127.0.0.1:{port}'
+  external = external_url or url
   proc = subprocess.Popen([fake_gcs_binary(), '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1',
-                           '-port', str(port), '-external-url', url, '-public-host', f'127.0.0.1:{port}',
-                           '-log-level', 'error'],
+                           '-port', str(port), '-external-url', external,
+                           '-public-host', external.split('://', 1)[1], '-log-level', 'error'],
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   _wait_ready(proc, f'{url}/storage/v1/b', 'fake-gcs-server')
   return Server('gs', proc, url, {'STORAGE_EMULATOR_HOST': url})

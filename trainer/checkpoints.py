@@ -175,9 +175,10 @@ class Checkpoints:
       return agreement.lost_contact(f'{what} to {self.directory}', error)
     detail = first_line(error, 10_000)  # The OS error (disk full, read-only) comes last in Orbax's messages.
     detail = detail if len(detail) <= 160 else '...' + detail[-160:]
+    fix = (storage.advice(self.directory, error).removesuffix(', then rerun') if storage.is_url(self.directory)
+           else 'free disk space or make the directory writable')
     return SaveFailed(f'saving checkpoint {step} to {self.directory} failed ({error.__class__.__name__}: '
-                      f'{detail}): free disk space or make the directory writable, then rerun the same '
-                      'command (it resumes from the last complete checkpoint)')
+                      f'{detail}): {fix}, then rerun the same command (it resumes from the last complete checkpoint)')
 
   def save(self, state) -> None:
     """Starts an async save of `state` at its step (a no-op if that step is already saved).

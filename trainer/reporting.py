@@ -130,16 +130,17 @@ def eval_line(event: dict) -> str:
 
 
 class _LibraryInfoFilter(logging_std.Filter):
-  """Drops INFO chatter of Orbax and TensorFlow (dozens of lines per checkpoint); warnings pass, without the
-  tracebacks they carry unless `keep_tracebacks` (--verbose): a failure the trainer reports as one `error:`
-  line (a failed save) must not also print a page of library traceback."""
+  """Drops INFO chatter of Orbax, TensorFlow and the storage clients (dozens of lines per checkpoint); warnings
+  pass, without the tracebacks they carry unless `keep_tracebacks` (--verbose): a failure the trainer reports
+  as one `error:` line (a failed save, a lost storage server) must not also print a page of library traceback."""
   keep_tracebacks = False
 
   def filter(self, record):
     if (record.name == 'asyncio' and not self.keep_tracebacks
         and 'exception was never retrieved' in str(record.msg)):  # Orbax's failed-save futures, collected late.
       return False
-    noisy = any(f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'tensorflow', 'etils'))
+    noisy = any(f'{os.sep}{lib}{os.sep}' in record.pathname
+                for lib in ('orbax', 'tensorflow', 'etils', 'fsspec', 'gcsfs', 's3fs'))
     if noisy and record.exc_info and not self.keep_tracebacks:
       record.exc_info, record.exc_text = None, None
     return record.levelno >= logging_std.WARNING or not noisy
