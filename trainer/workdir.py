@@ -131,6 +131,9 @@ def _lock_url(workdir: str, lease_s: float) -> None:
   import jax
   global _lease
   refusal = ''
+  if _lease is not None and _lease.workdir != workdir:  # Another job in this process (in-process callers).
+    _lease.release()
+    _lease = None
   if jax.process_index() == 0 and _lease is None:
     got = _BucketLease.acquire(workdir, lease_s)
     if isinstance(got, str):
