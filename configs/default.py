@@ -82,6 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = -1         # -1: every epoch
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.workdir_lease_s = 60          # bucket workdir: the lock's lease (s); a killed run's rerun waits at most this
   c.plot = True                   # learning-curves PNG at the end
   c.profile_steps = 0             # trace N steps (after the first compiled one) into WORKDIR/profile; 0 = off
   c.hooks = ''                    # your periodic actions: 'MODULE:ATTR@EVERY,...' (fn(info) every EVERY steps)

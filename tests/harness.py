@@ -35,10 +35,11 @@ def run_train(workdir, *args, config=TINY, timeout=240, **popen) -> subprocess.C
                         text=True, timeout=timeout, **popen)
 
 
-def start_train(workdir, *args, config=TINY, log_path=None) -> subprocess.Popen:
+def start_train(workdir, *args, config=TINY, log_path=None, env=None) -> subprocess.Popen:
+  """`env`: variables set for this process only (e.g. its own TMPDIR and HOME)."""
   out = open(log_path, 'w') if log_path else subprocess.DEVNULL
-  return subprocess.Popen(train_cmd(workdir, *args, config=config), cwd=ROOT, env=_env(), stdout=out,
-                          stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(train_cmd(workdir, *args, config=config), cwd=ROOT, env=dict(_env(), **(env or {})),
+                          stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ VALUE_CASES = {  # --config.KEY=VALUE -> what the error line must say besides th
     'learning_rate=0': '> 0', 'learning_rate=-0.1': '> 0', 'learning_rate=nan': '> 0',
     'num_epochs=0': '>= 1', 'optimizer=lamb': 'sgd, adam, adamw', 'parallel_backend=dp': 'shard_map, pmap',
     'bn_mode=sync': 'global, local', 'dtype=float16': 'float32, bfloat16', 'model=resnet': 'cnn, mlp',
-    'seed=-1': '[0, 2**31)',
+    'seed=-1': '[0, 2**31)', 'workdir_lease_s=0': '> 0', 'workdir_lease_s=-5': '> 0',
 }
 # These also go through train.py (exit status, one line, no workdir): a number, a NaN and a name. The rest
 # are checked against `config_check.validate` in-process by test_every_config_value_is_checked.

@@ -67,6 +67,9 @@ def validate(config) -> None:
   lr = config.learning_rate
   if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
     _fail('learning_rate', lr, 'must be a finite number > 0')
+  lease = config.get('workdir_lease_s', 60)
+  if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not math.isfinite(lease) or lease <= 0:
+    _fail('workdir_lease_s', lease, 'must be a number of seconds > 0')
   if not 0 <= config.momentum < 1:
     _fail('momentum', config.momentum, 'must be in [0, 1)')
   if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):

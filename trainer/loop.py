@@ -323,5 +323,5 @@ def train_and_evaluate(config, workdir: str, agree_timeout_s: int = 120) -> dict
     raise UserError(f'the test split of {job.data.description} is empty: evaluation needs test examples; point '
                     f'{setting("data_dir")} at a complete dataset')
   workdir_lib.prepare(workdir)  # After the data: a failed start leaves no empty workdir behind.
-  workdir_lib.lock(workdir)
+  workdir_lib.lock(workdir, lease_s=config.get('workdir_lease_s', 60))
   return Trainer(job, workdir).run()

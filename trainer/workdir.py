@@ -1,18 +1,25 @@
 """The workdir: checked before anything starts, created only once the job is known to be runnable, locked
 for one job at a time, and its config kept consistent across resumes (with a history of allowed changes)."""
 
+import atexit
 import dataclasses
 import datetime
 import fcntl
 import json
 import os
+import re
 import socket
+import sys
+import threading
+import time
+import uuid
 from typing import Any
 
 from absl import logging
 
 import storage
-from errors import UserError, setting
+from errors import UserError, first_line, setting
+from storage import lease
 
 # Config fields that change the data stream or the model: a resume with another value would mix two runs.
 # Fields a config does not define (older or newer configs) are not compared.
@@ -20,6 +27,7 @@ FROZEN = ('seed', 'batch_size', 'dataset', 'model', 'image_size', 'augment')
 HISTORY = 'config_history.jsonl'
 _MISSING = '<absent>'
 _lock_file = None  # The open lock file of this process: the OS releases the lock when the process dies.
+_lease = None  # The bucket lease this process holds (`_BucketLease`).
 
 
 def check(workdir: str) -> None:
@@ -85,17 +93,18 @@ def prepare(workdir: str) -> None:
         from None
 
 
-def lock(workdir: str) -> None:
-  """Process 0 holds an exclusive `flock` on WORKDIR/.lock until it exits; a second job stops here.
+def lock(workdir: str, lease_s: float = 60) -> None:
+  """Process 0 holds an exclusive lock on WORKDIR/.lock until it exits; a second job stops here.
 
-  flock, not a pid file: the OS drops the lock when its holder dies, so a killed run never blocks its own
-  resume. Every process of the job learns process 0's result, so all of them stop together.
+  Local: `flock`, not a pid file: the OS drops the lock when its holder dies, so a killed run never blocks its
+  own resume. A bucket: a lease (`_BucketLease`), as a bucket has no flock. Every process of the job learns
+  process 0's result, so all of them stop together.
   """
   import jax
   global _lock_file
   ok, holder = True, ''
   if storage.is_url(workdir):
-    return _lock_url(workdir)
+    return _lock_url(workdir, lease_s)
   if jax.process_index() == 0 and _lock_file is None:
     path = os.path.join(workdir, '.lock')
     f = open(path, 'a+')
@@ -115,12 +124,200 @@ def lock(workdir: str) -> None:
                     'wait for it to finish or stop it, or choose another --workdir')
 
 
-def _lock_url(workdir: str) -> None:
-  """A bucket has no flock: process 0 records itself in WORKDIR/.lock (who holds the run, for people)."""
+def _lock_url(workdir: str, lease_s: float) -> None:
+  """Process 0 takes the bucket lease (waiting at most `lease_s` for a killed holder's to expire); the other
+  processes wait for its verdict through the coordination service (not a collective: the wait may outlast
+  --collective_timeout)."""
   import jax
-  if jax.process_index() == 0:
-    storage.write_text(storage.join(workdir, '.lock'), f'pid {os.getpid()} on {socket.gethostname()} since '
-                       f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S}\n')
+  global _lease
+  refusal = ''
+  if _lease is not None and _lease.workdir != workdir:  # Another job in this process (in-process callers).
+    _lease.release()
+    _lease = None
+  if jax.process_index() == 0 and _lease is None:
+    got = _BucketLease.acquire(workdir, lease_s)
+    if isinstance(got, str):
+      refusal = got
+    else:
+      _lease = got
+  refusal = _process_0_line(refusal, timeout_s=2 * lease_s + 120)
+  if refusal:
+    raise UserError(refusal)
+
+
+def _process_0_line(line: str, timeout_s: float) -> str:
+  """Process 0's `line` ('' to go on) on every process, through JAX's key-value store."""
+  from jax._src import distributed
+  state = distributed.global_state
+  if state.client is None or state.num_processes < 2:
+    return line
+  key = 'dptrain/workdir_lock'
+  if state.process_id == 0:
+    state.client.key_value_set(key, line or 'ok')
+    return line
+  try:
+    got = state.client.blocking_key_value_get(key, int(timeout_s * 1000))
+  except Exception as e:
+    return f'process 0 did not take the workdir lock within {timeout_s:.0f}s ({first_line(e)}): check its log'
+  return '' if got == 'ok' else 'process 0 refused the workdir: ' + got
+
+
+def _boot_id() -> str:
+  try:
+    with open('/proc/sys/kernel/random/boot_id') as f:
+      return f.read().strip()
+  except OSError:
+    return ''
+
+
+def _holder(data: bytes) -> dict:
+  """The lease record; a `.lock` an older trainer wrote ('pid N on HOST since T') read as far as it goes."""
+  try:
+    record = json.loads(data)
+    if isinstance(record, dict):
+      return record
+  except ValueError:
+    pass
+  m = re.match(r'pid (\d+) on (\S+) since (.+)', data.decode('utf-8', 'replace').strip())
+  return {'pid': int(m.group(1)), 'host': m.group(2), 'since': m.group(3)} if m else {}
+
+
+def _describe(holder: dict) -> str:
+  if not holder.get('host'):
+    return 'an unreadable lease record'
+  renewed = f', renewed {holder["renewed"]}' if holder.get('renewed') else ''
+  return f'pid {holder.get("pid")} on {holder["host"]} since {holder.get("since")}{renewed}'
+
+
+def _dead_here(holder: dict) -> bool:
+  """True when the holder provably is gone: it ran on this host (same name and boot) and its pid is gone."""
+  if holder.get('host') != socket.gethostname() or not isinstance(holder.get('pid'), int):
+    return False
+  if holder.get('boot') and holder['boot'] != _boot_id():
+    return True  # This host rebooted since.
+  if holder['pid'] == os.getpid():
+    return False
+  try:
+    os.kill(holder['pid'], 0)
+  except ProcessLookupError:
+    return True
+  except OSError:
+    pass
+  return False
+
+
+class _BucketLease:
+  """A lock on a bucket: WORKDIR/.lock created only if absent, then rewritten by its holder every third of
+  the lease, each write conditional on the version it wrote last (`storage.lease`). A holder that cannot
+  renew within the lease, or finds the lock taken over, stops the process at once: never two writers."""
+
+  def __init__(self, workdir: str, lease_s: float, record: dict, tag: str):
+    self.workdir, self.url, self.lease_s = workdir, storage.join(workdir, '.lock'), lease_s
+    self.record, self.tag = record, tag
+    self.ok_at = time.monotonic()  # When the last successful write started.
+    self.mutex, self.done = threading.Lock(), threading.Event()
+
+  @classmethod
+  def acquire(cls, workdir: str, lease_s: float):
+    """The held lease, or the refusal line. Waits at most `lease_s` (polling) for a lease nobody renews."""
+    url = storage.join(workdir, '.lock')
+    now = f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S}'
+    record = {'host': socket.gethostname(), 'pid': os.getpid(), 'boot': _boot_id(), 'since': now, 'renewed': now,
+              'lease_s': lease_s, 'token': uuid.uuid4().hex}
+    seen, announced = None, False  # (tag, first seen at): the version whose renewal we wait for.
+    while True:
+      start = time.monotonic()
+      try:
+        return cls(workdir, lease_s, record, lease.create(url, cls._bytes(record)))._started(start)
+      except lease.Conflict:
+        pass
+      got = lease.read(url)
+      if got is None:
+        continue  # Released meanwhile.
+      data, tag = got
+      holder = _holder(data)
+      if holder.get('token') == record['token']:  # Our create landed; its answer was lost and retried.
+        return cls(workdir, lease_s, record, tag)._started(start)
+      expired = seen is not None and seen[0] == tag and time.monotonic() - seen[1] >= lease_s
+      if seen is not None and seen[0] != tag:
+        return (f'--workdir={workdir} is in use by another run ({_describe(holder)}; it renews its lease): wait for '
+                'it to finish or stop it, or choose another --workdir')
+      if expired or _dead_here(holder):
+        start = time.monotonic()
+        try:
+          new = lease.replace(url, cls._bytes(record), tag)
+        except lease.Conflict:
+          continue  # Renewed or taken meanwhile: look again.
+        why = 'its process is gone' if not expired else f'its lease was not renewed for {lease_s:g}s'
+        logging.warning('Took over the lock of %s from %s (%s).', workdir, _describe(holder), why)
+        return cls(workdir, lease_s, record, new)._started(start)
+      if seen is None:
+        seen = (tag, time.monotonic())
+      if not announced:
+        announced = True
+        logging.warning('%s is locked by %s: waiting up to %gs for its lease to be renewed (then this run is '
+                        'refused) or to expire (then this run takes over).', workdir, _describe(holder), lease_s)
+      time.sleep(min(1.0, lease_s / 10))
+
+  @staticmethod
+  def _bytes(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True).encode()
+
+  def _started(self, write_start: float) -> '_BucketLease':
+    self.ok_at = write_start
+    threading.Thread(target=self._renew_loop, name='workdir-lease', daemon=True).start()
+    atexit.register(self.release)
+    return self
+
+  def _renew_loop(self) -> None:
+    period = self.lease_s / 3
+    wait = period
+    while not self.done.wait(wait):
+      with self.mutex:
+        if self.done.is_set():
+          return
+        start = time.monotonic()
+        self.record['renewed'] = f'{datetime.datetime.now():%Y-%m-%d %H:%M:%S}'
+        try:
+          self.tag = lease.replace(self.url, self._bytes(self.record), self.tag)
+          self.ok_at, wait = start, period
+          continue
+        except lease.Conflict:
+          got = _read_quietly(self.url)
+          self._stop(f'another run took over the lock of --workdir={self.workdir} '
+                     f'({_describe(_holder(got[0])) if got else "and released it"}): this run stops so that only '
+                     'one writes; its newest checkpoint stays usable')
+        except Exception as e:  # The store did not answer: retry until the lease would lapse.
+          if time.monotonic() - self.ok_at >= self.lease_s * 0.8:
+            self._stop(f'could not renew the lock of --workdir={self.workdir} within its {self.lease_s:g}s lease '
+                       f'({e}): this run stops before another may take over; rerun it when storage answers')
+          wait = min(1.0, period)
+
+  def _stop(self, line: str) -> None:
+    """Ends the process now: the main thread may be writing, and must not write on."""
+    print(f'error: {line}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(2)
+
+  def release(self) -> None:
+    """Deletes the lock if it is still ours (on a clean exit; a killed holder leaves its lease to expire)."""
+    self.done.set()
+    with self.mutex:
+      got = _read_quietly(self.url)
+      if got is None or got[1] != self.tag:
+        return
+      try:
+        lease.delete(self.url, self.tag)
+      except (lease.Conflict, UserError) as e:
+        logging.warning('Could not release the lock of %s (%s): the next run waits for its lease.', self.workdir, e)
+
+
+def _read_quietly(url: str):
+  """The lock's (bytes, tag), or None when it is gone or unreadable (for messages and release only)."""
+  try:
+    return lease.read(url)
+  except UserError:
+    return None
 
 
 def absolute(workdir: str) -> str:
