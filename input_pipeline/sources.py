@@ -63,6 +63,14 @@ def load_idx(name: str, data_dir: str, num_classes: int | None = None) -> InMemo
   return InMemoryDataset(*train, *test, num_classes=num_classes, source=f'idx:{directory}', names=names)
 
 
+def _check_not_bucket(config) -> None:
+  local = data_dir(config)
+  if local and paths.is_url(local):
+    # The IDX and image-folder readers open local files only: say what to do instead of "no such directory".
+    raise UserError(f'{setting("data_dir")}={local} is a bucket URL: training data is read from a local disk only; '
+                    'copy the dataset first (`gcloud storage cp -r URL DIR`) and set data_dir to DIR')
+
+
 def _check_data_dir(config) -> None:
   local = data_dir(config)
   if local and not paths.is_url(local) and not os.path.isdir(local) and not config.download:
@@ -71,6 +79,7 @@ def _check_data_dir(config) -> None:
 
 
 def _idx(config) -> Source:
+  _check_not_bucket(config)
   _check_data_dir(config)
   if config.dataset not in DATASETS and not config.data_dir:
     raise UserError(f'unknown dataset {config.dataset!r}: built-in datasets are {sorted(DATASETS)}; any TFDS name '
@@ -86,6 +95,7 @@ def _tfds(config) -> Source:
 
 def _folder(config) -> Source:
   from input_pipeline import folder
+  _check_not_bucket(config)
   return folder.load(config)
 
 
