@@ -36,11 +36,10 @@ def child(n: int, kernels: str) -> None:
   from jax.sharding import PartitionSpec as P
 
   import models
-  from configs import default
+  from benchmarks import kit
   from parallel import mesh as mesh_lib
 
-  config = default.get_config()
-  config.cpu_kernels = kernels
+  config = kit.config(cpu_kernels=kernels)
   model = models.create_model(config, num_classes=10)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(V, S, 28, 28, 1)).astype(np.float32))

@@ -87,12 +87,10 @@ def _say(line: str = '') -> None:
 
 
 def _config(**overrides):
-  from configs import default
-  c = default.get_config()
-  c.update(dict(data_source='synthetic', synthetic_train_examples=65536, synthetic_eval_examples=256,
-                eval_batch_size=256, lr_schedule='constant', plot=False, cpu_kernels='off'))
-  c.update(overrides)
-  return c
+  from benchmarks import kit
+  return kit.config(**{**dict(data_source='synthetic', synthetic_train_examples=65536, synthetic_eval_examples=256,
+                              eval_batch_size=256, lr_schedule='constant', plot=False, cpu_kernels='off'),
+                       **overrides})
 
 
 def _mesh(devices):

@@ -114,12 +114,11 @@ def main(argv=None) -> int:
   import numpy as np
   import tensorflow as tf
 
-  from configs import default
+  from benchmarks import kit
   from input_pipeline import augment, pipeline, sources
 
-  config = default.get_config()
-  config.update(data_source='folder', data_dir=args.data_dir, augment='imagenet', image_size=args.image_size,
-                data_threads=args.threads, batch_size=args.batch)
+  config = kit.config(data_source='folder', data_dir=args.data_dir, augment='imagenet', image_size=args.image_size,
+                      data_threads=args.threads, batch_size=args.batch)
   source = sources.load(config)
   prep = augment.Preprocess.from_config(config, source)
   steps = 10_000

@@ -56,12 +56,11 @@ def main(argv):
   # Only now the modules that use JAX: the simulated devices are fixed when its backend starts.
   import jax
 
-  from configs import default
+  from benchmarks import kit
   from input_pipeline import augment, device_feed, order, pipeline, sources
   from parallel import mesh as mesh_lib
 
-  config = default.get_config()
-  config.update(augment=FLAGS.augment, image_size=FLAGS.image_size, data_threads=FLAGS.threads)
+  config = kit.config(augment=FLAGS.augment, image_size=FLAGS.image_size, data_threads=FLAGS.threads)
   if FLAGS.data_source:
     config.data_source = FLAGS.data_source
   if FLAGS.data_dir:

@@ -52,19 +52,10 @@ def load_config(path: str):
 
 
 def variant_config(base, text: str):
-  """`base` with the KEY=VALUE fields of `text` applied (values parsed as the field's type); ValueError names
-  a bad item."""
-  c = base.copy_and_resolve_references()
-  for item in ([] if text == '-' else text.split(',')):
-    key, sep, value = item.partition('=')
-    if not sep or key not in c:
-      raise ValueError(f'{item!r}: use KEY=VALUE with a field of the config')
-    kind = type(c[key])
-    try:
-      c[key] = value.lower() in ('1', 'true') if kind is bool else kind(value)
-    except (TypeError, ValueError):
-      raise ValueError(f'{item!r}: {key} needs a value of type {kind.__name__}') from None
-  return c
+  """A copy of `base` with the comma-separated KEY=VALUE fields of `text` set as train.py sets
+  `--config.KEY=VALUE` (benchmarks/kit.py); a bad item raises its one-line UserError."""
+  from benchmarks import kit
+  return kit.overrides([] if text == '-' else text.split(','), base=base)
 
 
 def paired_summary(times, baseline: str) -> dict:
