@@ -5,6 +5,7 @@ Runs itself once per device count (the count is fixed when JAX starts) and print
   scan:   the same for V=8 slices of 16 under shard_map, each device scanning its V/n slices (per-slice
           gradients gathered to the host in slice order).
 Equal digests across counts = equal bits. `python benchmarks/determinism_probe.py` prints a table.
+A bitwise check of single programs, not a timing: it does not run `trainer.loop.Trainer`.
 """
 
 import hashlib

@@ -16,6 +16,8 @@ checkout, filled beforehand with `pip download --no-deps ml_collections -d wheel
   6. the host-overhead row (benchmarks/host_overhead.py): the MLP at batch 8, at steps_per_dispatch 1 and 32.
 `--platform=cpu` is the dry run (`--sizes=small` by default there: narrow, shallow models on 32 px images,
 a few steps); the tests run it. Exit status 1 when a comparison fails.
+Rows 2-5 time the trainer's compiled step, not `trainer.loop.Trainer`: they measure the accelerator; row 6
+(host_overhead) runs the full loop.
 """
 
 import argparse

@@ -16,7 +16,8 @@ the engine that runs the per-example work:
                 the peers' usual CPU path, measured here rather than quoted
   grain_pil_mp  grain_pil in Grain worker processes (`mp_prefetch`, one per core)
 Prints images/s, CPU cores busy (this process and its children) and images/s per busy core. The trainer uses
-tf.data; this is the measurement behind that choice (README, "Data sources").
+tf.data; this is the measurement behind that choice (README, "Data sources"). Loaders only, no model: not
+the `trainer.loop.Trainer` loop.
 """
 
 import argparse

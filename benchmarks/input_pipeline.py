@@ -10,7 +10,7 @@ Loads the default config's dataset (Fashion-MNIST IDX files, `configs/default.py
   - to device:  the same, placed on the simulated CPU devices as one global sharded jax.Array per leaf by
                 `device_feed.Prefetcher` + `mesh.to_global`, with `block_until_ready` on every batch.
 The last column divides the pipeline's images/s by the train step's consumption rate: above 1 the step,
-not the input, limits training.
+not the input, limits training. No model runs, so not `trainer.loop.Trainer`: this isolates the input.
 """
 
 import os

@@ -13,7 +13,8 @@ short windows of `--steps` steps, one window per variant in turn (the order reve
 each variant's window sits next to the baseline's in time. Per variant it prints the median img/s, the
 median of the per-pair ratios to the baseline, and in how many pairs it was the faster.
 The step runs on one fixed random batch already on the devices: this measures the step, not the input
-pipeline (see benchmarks/throughput.py for the whole feed).
+pipeline (see benchmarks/throughput.py for the whole feed). It does not run `trainer.loop.Trainer`: the loop's
+feed and periodic actions would add noise that hides the 2% differences this is meant to resolve.
 """
 
 import argparse

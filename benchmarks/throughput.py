@@ -23,6 +23,8 @@ The ratios of the default job to the seed's loop and to PyTorch (docs/performanc
 `--devices=2 --batches=128 --rounds=5 --torch=/tmp/torchvenv/bin/python`: every round runs the seed's loop,
 PyTorch and the trainer's row one after the other (alternating the order), and the ratios print per round,
 since a neighbour's load on a shared VM moves single rounds by 10-20%.
+It times the trainer's step and feed, not `trainer.loop.Trainer` itself: windows of steps need a loop it
+controls (benchmarks/host_overhead.py measures what the full loop adds).
 """
 
 import argparse
