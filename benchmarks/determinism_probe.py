@@ -5,6 +5,7 @@ Runs itself once per device count (the count is fixed when JAX starts) and print
   scan:   the same for V=8 slices of 16 under shard_map, each device scanning its V/n slices (per-slice
           gradients gathered to the host in slice order).
 Equal digests across counts = equal bits. `python benchmarks/determinism_probe.py` prints a table.
+A bitwise check of single programs, not a timing: it does not run `trainer.loop.Trainer`.
 """
 
 import hashlib
@@ -36,11 +37,10 @@ def child(n: int, kernels: str) -> None:
   from jax.sharding import PartitionSpec as P
 
   import models
-  from configs import default
+  from benchmarks import kit
   from parallel import mesh as mesh_lib
 
-  config = default.get_config()
-  config.cpu_kernels = kernels
+  config = kit.config(cpu_kernels=kernels)
   model = models.create_model(config, num_classes=10)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(V, S, 28, 28, 1)).astype(np.float32))

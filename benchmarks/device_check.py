@@ -16,6 +16,8 @@ checkout, filled beforehand with `pip download --no-deps ml_collections -d wheel
   6. the host-overhead row (benchmarks/host_overhead.py): the MLP at batch 8, at steps_per_dispatch 1 and 32.
 `--platform=cpu` is the dry run (`--sizes=small` by default there: narrow, shallow models on 32 px images,
 a few steps); the tests run it. Exit status 1 when a comparison fails.
+Rows 2-5 time the trainer's compiled step, not `trainer.loop.Trainer`: they measure the accelerator; row 6
+(host_overhead) runs the full loop.
 """
 
 import argparse
@@ -87,12 +89,10 @@ def _say(line: str = '') -> None:
 
 
 def _config(**overrides):
-  from configs import default
-  c = default.get_config()
-  c.update(dict(data_source='synthetic', synthetic_train_examples=65536, synthetic_eval_examples=256,
-                eval_batch_size=256, lr_schedule='constant', plot=False, cpu_kernels='off'))
-  c.update(overrides)
-  return c
+  from benchmarks import kit
+  return kit.config(**{**dict(data_source='synthetic', synthetic_train_examples=65536, synthetic_eval_examples=256,
+                              eval_batch_size=256, lr_schedule='constant', plot=False, cpu_kernels='off'),
+                       **overrides})
 
 
 def _mesh(devices):

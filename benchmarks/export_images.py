@@ -3,6 +3,7 @@
   python -m benchmarks.export_images fashion_mnist DIR      # the IDX files as DIR/{train,test}/<class>/*.png
   python -m benchmarks.export_images jpegs DIR --count=20000 --size=256x256 [--eval_count=200]
 
+Writes data, times nothing (so no `trainer.loop.Trainer`).
 `jpegs` writes random smooth-noise RGB JPEGs (quality 90) over 10 classes, sizes HxW.
 """
 

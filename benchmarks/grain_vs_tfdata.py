@@ -16,7 +16,8 @@ the engine that runs the per-example work:
                 the peers' usual CPU path, measured here rather than quoted
   grain_pil_mp  grain_pil in Grain worker processes (`mp_prefetch`, one per core)
 Prints images/s, CPU cores busy (this process and its children) and images/s per busy core. The trainer uses
-tf.data; this is the measurement behind that choice (README, "Data sources").
+tf.data; this is the measurement behind that choice (README, "Data sources"). Loaders only, no model: not
+the `trainer.loop.Trainer` loop.
 """
 
 import argparse
@@ -114,12 +115,11 @@ def main(argv=None) -> int:
   import numpy as np
   import tensorflow as tf
 
-  from configs import default
+  from benchmarks import kit
   from input_pipeline import augment, pipeline, sources
 
-  config = default.get_config()
-  config.update(data_source='folder', data_dir=args.data_dir, augment='imagenet', image_size=args.image_size,
-                data_threads=args.threads, batch_size=args.batch)
+  config = kit.config(data_source='folder', data_dir=args.data_dir, augment='imagenet', image_size=args.image_size,
+                      data_threads=args.threads, batch_size=args.batch)
   source = sources.load(config)
   prep = augment.Preprocess.from_config(config, source)
   steps = 10_000

@@ -38,8 +38,8 @@ def parse_args(argv):
 
 
 def _config(args, steps: int):
-  from configs import default
-  c = default.get_config()
+  from benchmarks import kit
+  c = kit.config()
   c.model, c.batch_size, c.eval_batch_size = args.model, args.batch, args.batch
   c.num_train_steps, c.log_every_steps = steps, args.log_every
   c.eval_every_steps = c.checkpoint_every_steps = 10 ** 9  # Only the end-of-run eval and save: outside timing.

@@ -10,7 +10,7 @@ Loads the default config's dataset (Fashion-MNIST IDX files, `configs/default.py
   - to device:  the same, placed on the simulated CPU devices as one global sharded jax.Array per leaf by
                 `device_feed.Prefetcher` + `mesh.to_global`, with `block_until_ready` on every batch.
 The last column divides the pipeline's images/s by the train step's consumption rate: above 1 the step,
-not the input, limits training.
+not the input, limits training. No model runs, so not `trainer.loop.Trainer`: this isolates the input.
 """
 
 import os
@@ -56,12 +56,11 @@ def main(argv):
   # Only now the modules that use JAX: the simulated devices are fixed when its backend starts.
   import jax
 
-  from configs import default
+  from benchmarks import kit
   from input_pipeline import augment, device_feed, order, pipeline, sources
   from parallel import mesh as mesh_lib
 
-  config = default.get_config()
-  config.update(augment=FLAGS.augment, image_size=FLAGS.image_size, data_threads=FLAGS.threads)
+  config = kit.config(augment=FLAGS.augment, image_size=FLAGS.image_size, data_threads=FLAGS.threads)
   if FLAGS.data_source:
     config.data_source = FLAGS.data_source
   if FLAGS.data_dir:

@@ -10,6 +10,7 @@ The input wait column is empty for this row: its gather runs on the device, insi
 
 Same model class (`models.cnn.CNN`, per-device BatchNorm), same optimizer and batch as the data-parallel
 rows. Nothing here is used by the trainer; `benchmarks.throughput` imports `run` for its reference row.
+It is the seed's loop by design, not `trainer.loop.Trainer`.
 """
 
 import functools

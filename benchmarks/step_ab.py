@@ -13,7 +13,8 @@ short windows of `--steps` steps, one window per variant in turn (the order reve
 each variant's window sits next to the baseline's in time. Per variant it prints the median img/s, the
 median of the per-pair ratios to the baseline, and in how many pairs it was the faster.
 The step runs on one fixed random batch already on the devices: this measures the step, not the input
-pipeline (see benchmarks/throughput.py for the whole feed).
+pipeline (see benchmarks/throughput.py for the whole feed). It does not run `trainer.loop.Trainer`: the loop's
+feed and periodic actions would add noise that hides the 2% differences this is meant to resolve.
 """
 
 import argparse
@@ -52,19 +53,10 @@ def load_config(path: str):
 
 
 def variant_config(base, text: str):
-  """`base` with the KEY=VALUE fields of `text` applied (values parsed as the field's type); ValueError names
-  a bad item."""
-  c = base.copy_and_resolve_references()
-  for item in ([] if text == '-' else text.split(',')):
-    key, sep, value = item.partition('=')
-    if not sep or key not in c:
-      raise ValueError(f'{item!r}: use KEY=VALUE with a field of the config')
-    kind = type(c[key])
-    try:
-      c[key] = value.lower() in ('1', 'true') if kind is bool else kind(value)
-    except (TypeError, ValueError):
-      raise ValueError(f'{item!r}: {key} needs a value of type {kind.__name__}') from None
-  return c
+  """A copy of `base` with the comma-separated KEY=VALUE fields of `text` set as train.py sets
+  `--config.KEY=VALUE` (benchmarks/kit.py); a bad item raises its one-line UserError."""
+  from benchmarks import kit
+  return kit.overrides([] if text == '-' else text.split(','), base=base)
 
 
 def paired_summary(times, baseline: str) -> dict:

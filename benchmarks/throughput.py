@@ -23,6 +23,8 @@ The ratios of the default job to the seed's loop and to PyTorch (docs/performanc
 `--devices=2 --batches=128 --rounds=5 --torch=/tmp/torchvenv/bin/python`: every round runs the seed's loop,
 PyTorch and the trainer's row one after the other (alternating the order), and the ratios print per round,
 since a neighbour's load on a shared VM moves single rounds by 10-20%.
+It times the trainer's step and feed, not `trainer.loop.Trainer` itself: windows of steps need a loop it
+controls (benchmarks/host_overhead.py measures what the full loop adds).
 """
 
 import argparse
@@ -70,13 +72,8 @@ MODEL_ROWS = {
 
 def _generated(shape, n=2048):
   """Random uint8 images of `shape`, 10 classes: model rows measure speed, not learning."""
-  import numpy as np
-
-  from input_pipeline import sources
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (n,) + shape).astype(np.uint8)
-  labels = rng.integers(0, 10, n).astype(np.int32)
-  return sources.InMemoryDataset(images, labels, images[:256], labels[:256], num_classes=10, source='generated')
+  from benchmarks import kit
+  return kit.dataset(n=n, shape=shape, classes=10, seed=0, test=256, source='generated')
 
 
 def _ints(text: str):
@@ -127,15 +124,17 @@ def parse_args(argv):
       setattr(args, key, value)
   args.backends, args.devices, args.batches = _names(args.backends), _ints(args.devices), _ints(args.batches)
   args.models = _names(args.models)
-  from configs import default
-  fields = default.get_config()
-  for item in args.set:
-    key, sep, value = item.partition('=')
-    if not sep or key not in fields:
-      p.error(f'--set {item!r}: use KEY=VALUE with a field of configs/default.py')
-    if key in ('batch_size', 'parallel_backend'):
-      p.error(f'--set {item!r}: rows set {key} themselves; use --batches / --backends')
-    _OVERRIDES[key] = value
+  from benchmarks import kit
+  from errors import UserError
+  try:
+    kit.overrides(args.set)  # Refused as train.py refuses --config.KEY=VALUE: one line, the nearest key.
+    for item in args.set:
+      key, value = kit.key_value(item)
+      if key in ('batch_size', 'parallel_backend'):
+        p.error(f'--set {item!r}: rows set {key} themselves; use --batches / --backends')
+      _OVERRIDES[key] = value
+  except UserError as e:
+    p.error(f'--set: {e}')
   if not args.models or any(m not in MODEL_ROWS for m in args.models):
     p.error(f'--models: use names from {",".join(MODEL_ROWS)}')
   bad = [b for b in args.backends if b not in ('shard_map', 'pmap')]
@@ -322,15 +321,9 @@ _OVERRIDES = {}  # --set KEY=VALUE, applied to every row's config
 
 
 def _config(backend: str, batch: int, model: str = 'cnn'):
-  from configs import default
-  config = default.get_config()
-  config.batch_size = batch
-  config.parallel_backend = backend
-  config.update(MODEL_ROWS[model][0])
-  for key, text in _OVERRIDES.items():
-    kind = type(config[key])
-    config[key] = text.lower() in ('1', 'true') if kind is bool else kind(text)
-  return config
+  from benchmarks import kit
+  config = kit.config(batch_size=batch, parallel_backend=backend, **MODEL_ROWS[model][0])
+  return kit.overrides([f'{key}={text}' for key, text in _OVERRIDES.items()], base=config)
 
 
 def canonical_state(data):
@@ -474,13 +467,12 @@ def main(argv=None) -> int:
   topology.configure_backend('cpu', args.simulated_devices)  # Before anything starts JAX's backend.
   import jax
 
-  from benchmarks import reference_loop
-  from configs import default
+  from benchmarks import kit, reference_loop
   from input_pipeline import pipeline, sources  # noqa: F401  (TensorFlow's import: seconds, not in a row)
 
   load_start = os.getloadavg()
   quiet = lambda msg: print(f'[{time.perf_counter() - started:5.1f}s] {msg}', file=sys.stderr, flush=True)
-  data = sources.load(default.get_config())
+  data = sources.load(kit.config())
   quiet(f'data: {data.source} {data.train_images.shape}; jax {jax.__version__}, {jax.device_count()} '
         f'simulated {jax.default_backend()} devices on {os.cpu_count()} cores')
   peak_start = matmul_peak(reps=3 if args.quick else 7, quick=args.quick)

@@ -8,6 +8,8 @@ optax's momentum are the same recursion), batch 128. Fashion-MNIST comes straigh
 and gzip; batches are gathered and scaled on the host every step (as the JAX reference loop does) and the loss
 is read with `.item()` every step. Images/sec is the median over timed windows after warm-up.
 
+PyTorch, by design not `trainer.loop.Trainer`: the outside reference point.
+
 Differences that do not change the work per step: torch's default weight init, and the flatten order of the
 conv features (NCHW here, NHWC in flax: a fixed permutation of the Dense256 weights).
 

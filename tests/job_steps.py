@@ -4,8 +4,7 @@ implementations of the same math (`cpu_kernels`, `parallel_backend`) step by ste
 import jax
 import numpy as np
 
-from configs import default
-from input_pipeline import sources
+from benchmarks import kit
 from parallel import mesh as mesh_lib
 from trainer import job as job_lib
 
@@ -16,10 +15,8 @@ def run_steps(overrides: dict, steps: int = 3, devices: int = 2):
   pixels = rng.integers(0, 256, (steps, 16, 16, 16, 1)).astype(np.uint8)
   images = pixels.astype(np.float32) / 255
   labels = rng.integers(0, 10, (steps, 16)).astype(np.int32)
-  data = sources.InMemoryDataset(pixels.reshape(-1, 16, 16, 1), labels.reshape(-1), pixels[0], labels[0],
-                                 num_classes=10, source='test')
-  c = default.get_config()
-  c.update(dict(batch_size=16, learning_rate=0.05, momentum=0.9, lr_schedule='constant'), **overrides)
+  data = kit.dataset(images=pixels.reshape(-1, 16, 16, 1), labels=labels.reshape(-1), test=(pixels[0], labels[0]))
+  c = kit.config(small=True, **{'batch_size': 16, **overrides})
   job = job_lib.build(c, mesh=mesh_lib.make_mesh(devices), data=data)
   state = job.stepper.to_device(job.initial_state())
   losses = []

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from benchmarks import kit
 from configs import tiny
 from errors import UserError
 from input_pipeline import augment, order, pipeline, sources
@@ -109,7 +110,7 @@ def test_one_vs_eight_devices_identical_batches(jpeg_source):
 
 def test_none_is_the_plain_scaling():
   images = np.random.default_rng(1).integers(0, 256, (N, 5, 5, 1)).astype(np.uint8)
-  src = sources.InMemoryDataset(images, np.arange(N, dtype=np.int32), images, np.arange(N, dtype=np.int32), N, 't')
+  src = kit.dataset(images=images, labels=np.arange(N, dtype=np.int32), test=N, classes=N, source='t')
   for b in _stream(src, _prep(src, 'none', size=0), num_steps=3):
     np.testing.assert_array_equal(b['image'], images[b['label']].astype(np.float32) * np.float32(1 / 255))
 
@@ -117,7 +118,7 @@ def test_none_is_the_plain_scaling():
 def test_cifar_is_a_shifted_flipped_copy():
   """Every cifar-augmented image is the original shifted by <= 4 pixels (zeros shifted in), maybe mirrored."""
   images = np.random.default_rng(2).integers(1, 256, (N, 8, 8, 1)).astype(np.uint8)
-  src = sources.InMemoryDataset(images, np.arange(N, dtype=np.int32), images, np.arange(N, dtype=np.int32), N, 't')
+  src = kit.dataset(images=images, labels=np.arange(N, dtype=np.int32), test=N, classes=N, source='t')
   flips = shifts = 0
   for b in _stream(src, _prep(src, 'cifar', size=0), num_steps=5):
     for image, i in zip(b['image'], b['label'], strict=True):
@@ -151,7 +152,8 @@ def test_imagenet_eval_is_a_centre_crop():
 
 def test_normalisation():
   images = np.full((N, 4, 4, 3), 255, np.uint8)
-  src = sources.InMemoryDataset(images, np.arange(N, dtype=np.int32) % 2, images, np.zeros(N, np.int32), 2, 't')
+  src = kit.dataset(images=images, labels=np.arange(N, dtype=np.int32) % 2, test=(images, np.zeros(N, np.int32)),
+                    classes=2, source='t')
   prep = _prep(src, 'none', size=0, normalize=True, mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
   out = _stream(src, prep, num_steps=1)[0]['image']
   np.testing.assert_allclose(out[0, 0, 0], [1.0, 3.0, 0.5], rtol=1e-6)

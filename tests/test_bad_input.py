@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks import kit
 from input_pipeline import idx
 from tests.conftest import make_fake_mnist
 from tests.harness import free_port, load_checkpoint, run_train
@@ -335,7 +336,7 @@ def test_config_value_of_wrong_type(runs, case):
 
 
 def _assert_names_value(line: str, kv: str):
-  key, value = kv.split('=')
+  key, value = kit.key_value(kv)
   for text in (f'--config.{key}=', 'is invalid', VALUE_CASES[kv], value.lstrip('-')):
     assert text in line, f'{text!r} not in {line!r}'
 
@@ -348,13 +349,9 @@ def test_config_value_out_of_range(runs, case):
 @pytest.mark.parametrize('kv', list(VALUE_CASES))
 def test_every_config_value_is_checked(kv):
   """The same message train.py prints, from the check it calls before touching anything."""
-  from configs import default
   from errors import UserError
   from trainer import config_check
-  config = default.get_config()
-  key, value = kv.split('=')
-  with config.unlocked():
-    config[key] = type(config[key])(value)
+  config = kit.overrides([kv])  # As train.py reads --config.KEY=VALUE.
   with pytest.raises(UserError) as e:
     config_check.validate(config)
   _assert_names_value(str(e.value), kv)

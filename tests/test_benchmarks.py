@@ -75,13 +75,14 @@ def test_step_ab_pairs_windows_by_position():
   summary = step_ab.paired_summary({'a': [100, 200, 100], 'b': [110, 180, 130]}, 'a')
   assert summary['a'] == {'img_s': 100, 'ratio': 1.0, 'wins': 0}
   assert summary['b']['ratio'] == 1.1 and summary['b']['wins'] == 2 and summary['b']['img_s'] == 130
-  from configs import default
-  c = step_ab.variant_config(default.get_config(), 'cpu_kernels=off,batch_size=64,plot=false')
+  from benchmarks import kit
+  from errors import UserError
+  c = step_ab.variant_config(kit.config(), 'cpu_kernels=off,batch_size=64,plot=false')
   assert (c.cpu_kernels, c.batch_size, c.plot) == ('off', 64, False)
-  with pytest.raises(ValueError, match='nonsense'):
-    step_ab.variant_config(default.get_config(), 'nonsense')
-  with pytest.raises(ValueError, match='batch_size needs a value of type int'):
-    step_ab.variant_config(default.get_config(), 'batch_size=abc')
+  with pytest.raises(UserError, match='nonsense'):
+    step_ab.variant_config(kit.config(), 'nonsense')
+  with pytest.raises(UserError, match='--config.batch_size=abc'):
+    step_ab.variant_config(kit.config(), 'batch_size=abc')
 
 
 def test_input_pipeline_quick_prints_table():

@@ -11,7 +11,7 @@ import pytest
 from jax import lax
 
 import cpu_kernels
-from configs import default
+from benchmarks import kit
 from cpu_kernels import conv
 from models import create_model
 from tests import job_steps
@@ -114,7 +114,7 @@ def test_intercepted_conv_equals_flax(kw, x_shape, monkeypatch):
 def test_cpu_kernels_select_by_platform_and_are_validated():
   assert cpu_kernels.enabled('auto', 'cpu') and not cpu_kernels.enabled('off', 'cpu')
   assert not cpu_kernels.enabled('auto', 'gpu') and not cpu_kernels.enabled('auto', 'tpu')
-  c = default.get_config()
+  c = kit.config()
   model = create_model(c, num_classes=10)  # These tests run on CPU.
   assert isinstance(model, cpu_kernels.Plugged) and isinstance(model.model, nn.Module)
   assert model.num_classes == 10  # The model's own fields read through.

@@ -8,9 +8,8 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from configs import default
+from benchmarks import kit
 from errors import UserError
-from input_pipeline import sources
 from parallel import deterministic, mesh as mesh_lib
 from trainer import checkpoints, config_check, job as job_lib
 
@@ -119,13 +118,10 @@ def _job_run(n, model='mlp', backend='shard_map', steps=4, hw=8, batch=32, **ove
   """`steps` train steps (one of them a 2-step `train_steps` dispatch) and one eval of the trainer's own job on
   n devices: (every leaf of the canonical state, the per-step train metrics, the eval sums), all numpy."""
   rng = np.random.default_rng(0)
-  shapes = np.zeros((batch, hw, hw, 1), np.uint8)
-  labels = np.arange(batch, dtype=np.int32) % 10
-  data = sources.InMemoryDataset(shapes, labels, shapes[:8], labels[:8], num_classes=10, source='test')
-  c = default.get_config()
-  c.update(dict(model=model, parallel_backend=backend, batch_size=batch, eval_batch_size=batch, lr_schedule='constant',
-                num_train_steps=100, deterministic=True, learning_rate=0.05, momentum=0.9, resnet_width=8,
-                resnet_stages='1,1'), **overrides)
+  data = kit.dataset(n=batch, shape=(hw, hw, 1), test=8, images='zeros', labels='cycle')
+  c = kit.config(small=True, **{**dict(model=model, parallel_backend=backend, batch_size=batch, eval_batch_size=batch,
+                                      num_train_steps=100, deterministic=True, resnet_width=8, resnet_stages='1,1'),
+                                 **overrides})
   job = job_lib.build(c, mesh=mesh_lib.make_mesh(n), data=data)
   stepper = job.stepper
   state = stepper.to_device(job.initial_state())
@@ -200,8 +196,7 @@ def test_cnn_and_resnet_same_bits_over_50_steps(model):
     (dict(bn_mode='local'), 'bn_mode=global'),
 ])
 def test_config_refusals(overrides, match):
-  c = default.get_config()
-  c.update(deterministic=True, **overrides)
+  c = kit.config(deterministic=True, **overrides)
   with pytest.raises(UserError, match=match) as e:
     config_check.validate(c)
   assert '\n' not in str(e.value)
@@ -209,24 +204,20 @@ def test_config_refusals(overrides, match):
 
 def test_defaults_allow_1_2_4_8_devices_at_batch_128_and_64():
   for batch in (128, 64):
-    c = default.get_config()
-    c.update(deterministic=True, batch_size=batch)
+    c = kit.config(deterministic=True, batch_size=batch)
     config_check.validate(c)
     assert all(c.virtual_shards % n == 0 and batch % c.virtual_shards == 0 for n in (1, 2, 4, 8))
 
 
 def test_device_count_that_does_not_divide_the_shards_is_refused():
-  images = np.zeros((32, 8, 8, 1), np.uint8)
-  labels = np.arange(32, dtype=np.int32) % 10
-  data = sources.InMemoryDataset(images, labels, images[:8], labels[:8], num_classes=10, source='test')
-  c = default.get_config()
-  c.update(model='mlp', deterministic=True, virtual_shards=2, batch_size=32, eval_batch_size=32)
+  data = kit.dataset(n=32, shape=(8, 8, 1), test=8, images='zeros', labels='cycle')
+  c = kit.config(model='mlp', deterministic=True, virtual_shards=2, batch_size=32, eval_batch_size=32)
   with pytest.raises(UserError, match='do not split over 4 devices: use a device count that divides 2 \\(1, 2\\)'):
     job_lib.build(c, mesh=mesh_lib.make_mesh(4), data=data)
 
 
 def test_fingerprint_records_the_reduction_order():
-  c = default.get_config()
+  c = kit.config()
   plain = {'reduction_order': checkpoints.reduction_order(c)}
   c.deterministic = True
   eight = {'reduction_order': checkpoints.reduction_order(c)}

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import default
-from input_pipeline import augment, device_feed, pipeline, sources
+from benchmarks import kit
+from input_pipeline import augment, device_feed, pipeline
 from parallel import mesh as mesh_lib
 from trainer import job as job_lib
 
@@ -56,10 +56,7 @@ def test_large_or_unknown_batches_are_not_chunked():
 
 
 def _source(n=200, shape=(6, 6, 1)):
-  rng = np.random.default_rng(1)
-  images = rng.integers(0, 256, (n,) + shape).astype(np.uint8)
-  labels = (np.arange(n) % 10).astype(np.int32)
-  return sources.InMemoryDataset(images, labels, images[:16], labels[:16], num_classes=10, source='test')
+  return kit.dataset(n=n, shape=shape, seed=1, test=16, labels='cycle')
 
 
 @pytest.mark.parametrize('k', [7, 64])
@@ -78,8 +75,7 @@ def test_stacked_train_stream_equals_one_step_per_element(k):
 
 @pytest.mark.parametrize('backend', ['shard_map', 'pmap', 'jit'])
 def test_placing_several_steps_at_once_gives_the_batches_train_step_takes(backend):
-  c = default.get_config()
-  c.update(model='mlp', batch_size=16, eval_batch_size=16, parallel_backend=backend, num_train_steps=10)
+  c = kit.config(model='mlp', batch_size=16, eval_batch_size=16, parallel_backend=backend, num_train_steps=10)
   stepper = job_lib.build(c, mesh=mesh_lib.make_mesh(8), data=_source()).stepper
   rng = np.random.default_rng(0)
   chunk = {'image': rng.random((5, 16, 6, 6, 1), dtype=np.float32),

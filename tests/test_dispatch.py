@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
-from input_pipeline import device_feed, sources
+from benchmarks import kit
+from input_pipeline import device_feed
 from parallel import mesh as mesh_lib
 from tests import harness
 from tests.conftest import make_fake_mnist
@@ -47,13 +47,9 @@ def test_regroup_slices_chunks_in_order():
 @pytest.mark.parametrize('backend,model,atol', [('shard_map', 'mlp', 0.0), ('pmap', 'mlp', 0.0),
                                                 ('shard_map', 'cnn', 1e-6)])
 def test_train_steps_equal_single_steps(backend, model, atol):
-  rng = np.random.default_rng(0)
-  px = rng.integers(0, 256, (64, 8, 8, 1)).astype(np.uint8)
-  lb = rng.integers(0, 10, 64).astype(np.int32)
-  data = sources.InMemoryDataset(px, lb, px[:16], lb[:16], num_classes=10, source='test')
-  c = default.get_config()
-  c.update(model=model, batch_size=8, parallel_backend=backend, learning_rate=0.05, momentum=0.9,
-           lr_schedule='constant')
+  px, lb = kit.arrays(64, (8, 8, 1), seed=0)
+  data = kit.dataset(images=px, labels=lb, test=16)
+  c = kit.config(small=True, model=model, batch_size=8, parallel_backend=backend)
   job = job_lib.build(c, mesh=mesh_lib.make_mesh(2), data=data)
   batches = [{'image': px[i * 8:(i + 1) * 8].astype(np.float32) / 255, 'label': lb[i * 8:(i + 1) * 8]}
              for i in range(4)]

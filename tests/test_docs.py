@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from configs import default
+from benchmarks import kit
 from tests.harness import ROOT
 
 CONFIG_DOC = os.path.join(ROOT, 'docs', 'configuration.md')
@@ -60,7 +60,7 @@ def _doc(path):
 
 def test_every_config_field_is_documented_and_only_those():
   documented = _section_names(_doc(CONFIG_DOC), 'Config fields')
-  fields = _config_fields(default.get_config())
+  fields = _config_fields(kit.config())
   assert not sorted(fields - set(documented)), 'config fields missing from docs/configuration.md'
   assert not sorted(set(documented) - fields), 'docs/configuration.md documents fields configs/default.py lacks'
   assert len(documented) == len(set(documented)), 'a field is documented twice'

@@ -13,7 +13,7 @@ import pytest
 
 import cpu_kernels
 import plugins
-from configs import default
+from benchmarks import kit
 from errors import UserError
 from models import create_model
 from tests import harness, job_steps
@@ -53,9 +53,7 @@ def remember(info):
 
 
 def _config(**overrides):
-  c = default.get_config()
-  c.update(overrides)
-  return c
+  return kit.config(**overrides)
 
 
 def _kwargs(**kw):

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from benchmarks import kit
 from configs import tiny
 from errors import UserError
 from input_pipeline import augment, order, pipeline, sources
@@ -28,7 +29,7 @@ def train_arrays():
 
 
 def _source(images, labels):
-  return sources.InMemoryDataset(images, labels, images, labels, num_classes=N, source='test')
+  return kit.dataset(images=images, labels=labels, test=(images, labels), classes=N)
 
 
 def _none(images):
@@ -238,13 +239,9 @@ def eval_setup():
 
 
 def _test_data(size, seed=1):
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, (size,) + EVAL_SHAPE).astype(np.uint8)
-  labels = rng.integers(0, 10, size).astype(np.int32)
   # The train split only gives the image shape; evaluation must not read it.
-  return sources.InMemoryDataset(train_images=np.zeros((8,) + EVAL_SHAPE, np.uint8),
-                                 train_labels=np.arange(8, dtype=np.int32), test_images=images, test_labels=labels,
-                                 num_classes=10, source='test')
+  return kit.dataset(n=8, shape=EVAL_SHAPE, images='zeros', labels='cycle',
+                     test=kit.arrays(size, EVAL_SHAPE, seed=seed))
 
 
 def _reference(eval_model, state, data):

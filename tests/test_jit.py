@@ -7,7 +7,7 @@ resume between replicated and FSDP states and across device counts, `state_bytes
 import numpy as np
 import pytest
 
-from configs import default
+from benchmarks import kit
 from errors import UserError
 from parallel import mesh as mesh_lib
 from tests import harness
@@ -17,9 +17,7 @@ from trainer import checkpoints, config_check, job as job_lib
 
 
 def _config(**overrides):
-  c = default.get_config()
-  c.update(overrides)
-  return c
+  return kit.config(**overrides)
 
 
 @pytest.mark.parametrize('overrides,match', [

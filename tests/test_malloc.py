@@ -70,8 +70,8 @@ def test_reference_env_restores_the_original_tunables(monkeypatch):
 
 
 def test_huge_pages_by_config():
-  from configs import default
-  c = default.get_config()
+  from benchmarks import kit
+  c = kit.config()
   wanted = lambda **kw: malloc.huge_pages_wanted(_with(c, **kw))
   assert not wanted()  # Opt-in: the default re-executes nothing, on any platform.
   assert not wanted(model='mlp') and not wanted(model='resnet18') and not wanted(model='vit_ti')

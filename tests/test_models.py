@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from benchmarks import kit
 from input_pipeline import sources
 from models import create_model
 from parallel import mesh as mesh_lib, steps
@@ -17,20 +17,12 @@ FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
 
 def _config(**overrides):
-  c = default.get_config()
-  c.lr_schedule = 'constant'
-  c.momentum = 0.9
-  c.learning_rate = 0.05
-  c.update(overrides)
-  return c
+  return kit.config(small=True, **overrides)
 
 
 def _data(shape=(16, 16, 1), n_train=64, n_test=24, seed=0):
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, (n_train + n_test,) + shape).astype(np.uint8)
-  labels = rng.integers(0, 10, n_train + n_test).astype(np.int32)
-  return sources.InMemoryDataset(images[:n_train], labels[:n_train], images[n_train:], labels[n_train:],
-                                 num_classes=10, source='test')
+  images, labels = kit.arrays(n_train + n_test, shape, seed=seed)
+  return kit.dataset(images=images[:n_train], labels=labels[:n_train], test=(images[n_train:], labels[n_train:]))
 
 
 def _batches(data, k, batch):
@@ -137,8 +129,8 @@ def test_resnet18_test_loss_one_vs_eight_devices_after_10_steps():
   config = _config(model='resnet18', resnet_width=8, resnet_stages='1,1', batch_size=64, eval_batch_size=200)
   try:
     full = sources.load_idx('fashion_mnist', FASHION_MNIST)
-    data = sources.InMemoryDataset(full.train_images[:640], full.train_labels[:640], full.test_images[:1000],
-                                   full.test_labels[:1000], num_classes=10, source=full.source)
+    data = kit.dataset(images=full.train_images[:640], labels=full.train_labels[:640],
+                       test=(full.test_images[:1000], full.test_labels[:1000]), source=full.source)
   except Exception:
     data = _data((28, 28, 1), n_train=640, n_test=1000)
   batches = _batches(data, 10, 64)

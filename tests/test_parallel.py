@@ -9,8 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
-from input_pipeline import sources
+from benchmarks import kit
 from parallel import mesh as mesh_lib
 from trainer import job as job_lib
 
@@ -19,10 +18,7 @@ GLOBAL_BATCH = 32
 
 
 def _config(**overrides):
-  c = default.get_config()
-  c.lr_schedule = 'constant'
-  c.update(overrides)
-  return c
+  return kit.config(**{'lr_schedule': 'constant', **overrides})
 
 
 def _batches(k=K_STEPS, batch=GLOBAL_BATCH, seed=0):
@@ -33,9 +29,7 @@ def _batches(k=K_STEPS, batch=GLOBAL_BATCH, seed=0):
 
 def _data(batch=GLOBAL_BATCH):
   """Shapes only: the steps below feed their own batches, build() just needs the dataset's metadata."""
-  images = np.zeros((batch, 28, 28, 1), np.uint8)
-  labels = np.arange(batch, dtype=np.int32) % 10  # Two or more classes: job.build refuses one.
-  return sources.InMemoryDataset(images, labels, images[:8], labels[:8], num_classes=10, source='test')
+  return kit.dataset(n=batch, shape=(28, 28, 1), test=8, images='zeros', labels='cycle')  # job.build: >= 2 classes.
 
 
 def _local_rows(mesh, batch):

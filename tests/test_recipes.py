@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import default
+from benchmarks import kit
 from errors import UserError
 from parallel import mesh as mesh_lib
 from tests.conftest import make_fake_mnist
@@ -109,6 +109,6 @@ def test_peak_table_and_cpu_probe():
 
 def test_new_fields_are_off_by_default():
   """The seed's job is unchanged: every recipe option defaults to off."""
-  c = default.get_config()
+  c = kit.config()
   assert (c.label_smoothing, c.ema_decay, c.grad_accum_steps, c.lr_per_256, c.profile_steps, c.eval_only) == (
       0.0, 0.0, 1, False, 0, False)

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import default
+from benchmarks import kit
 from errors import UserError
 from input_pipeline import order, sources, synthetic
 from parallel import mesh as mesh_lib
@@ -12,10 +12,8 @@ from trainer import config_check, job as job_lib
 
 
 def _config(**overrides):
-  c = default.get_config()
-  c.update(dict(data_source='synthetic', synthetic_train_examples=96, synthetic_eval_examples=20, batch_size=16,
-                eval_batch_size=8, model='mlp'), **overrides)
-  return c
+  return kit.config(**{**dict(data_source='synthetic', synthetic_train_examples=96, synthetic_eval_examples=20,
+                              batch_size=16, eval_batch_size=8, model='mlp'), **overrides})
 
 
 def _train_batches(backend, devices, steps=3, sizes=None):

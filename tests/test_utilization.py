@@ -3,19 +3,14 @@
 import jax
 import numpy as np
 
-from configs import default
-from input_pipeline import sources
+from benchmarks import kit
 from parallel import mesh as mesh_lib
 from trainer import job as job_lib, utilization
 
 
 def test_train_step_flops_compile_nothing(monkeypatch):
-  rng = np.random.default_rng(0)
-  pixels = rng.integers(0, 256, (32, 16, 16, 1)).astype(np.uint8)
-  labels = rng.integers(0, 10, 32).astype(np.int32)
-  data = sources.InMemoryDataset(pixels, labels, pixels[:16], labels[:16], num_classes=10, source='test')
-  c = default.get_config()
-  c.update(batch_size=16)
+  data = kit.dataset(n=32, shape=(16, 16, 1), seed=0, test=16)
+  c = kit.config(batch_size=16)
   job = job_lib.build(c, mesh=mesh_lib.make_mesh(2), data=data)
   state = job.stepper.to_device(job.initial_state())
   lo, hi = mesh_lib.process_rows(job.mesh, c.batch_size)

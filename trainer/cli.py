@@ -9,6 +9,7 @@ import sys
 
 import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 import libenv
 import plugins
@@ -62,8 +63,47 @@ def parse_flags(flag_values, argv):
                     'config file (see configs/default.py)')
   if path:
     _check_complete(path, flag_values.config)
+  if model_kwargs and flag_values.config is not None:
     _set_model_kwargs(flag_values.config, model_kwargs)
   return rest
+
+
+def key_value(item: str):
+  """(KEY, VALUE) of one `KEY=VALUE` override, split at the first `=`."""
+  key, sep, value = item.partition('=')
+  if not sep or not key:
+    raise UserError(f'{item!r}: give KEY=VALUE (a config key, the value after "="), e.g. batch_size=64')
+  return key, value
+
+
+def apply_overrides(config, items) -> ml_collections.ConfigDict:
+  """A copy of `config` with each `KEY=VALUE` of `items` set exactly as train.py's `--config.KEY=VALUE`
+  sets it: the same absl / ml_collections parse and type rules, the same one-line UserErrors (nearest-key
+  hints included), so benchmarks and tests take overrides the way users give them."""
+  argv = ['overrides']
+  for item in items:
+    key, value = key_value(item)
+    argv.append(f'--config.{key}={value}')
+  parser = _DictFlags(config.copy_and_resolve_references())
+  parse_flags(parser, argv)
+  return parser.config
+
+
+class _DictFlags:
+  """Flag values holding one in-memory `config` flag: ml_collections parses a config dict's overrides when
+  the flag is defined, so the definition happens inside the parse (where parse_flags turns errors into lines)."""
+
+  def __init__(self, config):
+    self._base, self._values = config, flags.FlagValues()
+
+  def __call__(self, argv):
+    config_flags.DEFINE_config_dict('config', self._base, flag_values=self._values, lock_config=True,
+                                    sys_argv=argv)
+    return self._values(argv)
+
+  @property
+  def config(self):
+    return self._values.config
 
 
 def _split_model_kwargs(argv):
