@@ -12,6 +12,7 @@ Single-process runs skip all of it.
 """
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -116,7 +117,7 @@ def _wait(client, key: str, stage: str, deadline: float):
     verdict = _verdict_now(client, stage)
     if verdict is not None:
       return 'verdict', verdict
-    left_ms = int((deadline - time.monotonic()) * 1000)
+    left_ms = math.ceil((deadline - time.monotonic()) * 1000)  # ceil: never give up before the deadline.
     if left_ms <= 0:
       return None
     try:

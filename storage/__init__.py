@@ -67,6 +67,9 @@ def _fs(path: str):
     raise UserError(f'{path}: unsupported storage scheme {s}://: use a local path, gs://BUCKET/PATH or '
                     's3://BUCKET/PATH')
   kwargs = {}
+  emulator = os.environ.get('STORAGE_EMULATOR_HOST')
+  if s == 'gs' and emulator:  # Explicit, so fsspec's instance cache keys on it (gcsfs reads it only once).
+    kwargs['endpoint_url'] = emulator if '://' in emulator else f'http://{emulator}'
   if s == 's3' and os.environ.get('AWS_ENDPOINT_URL'):
     kwargs['endpoint_url'] = os.environ['AWS_ENDPOINT_URL']  # Older s3fs versions ignore the variable.
   return fsspec.filesystem(s, **kwargs)

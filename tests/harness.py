@@ -86,11 +86,27 @@ def workdir_files(workdir) -> dict:
 
 
 def load_checkpoint(workdir, step=None) -> dict:
-  """Flat {path: numpy array} of a saved train state (read on the host, no devices needed)."""
-  import orbax.checkpoint as ocp
-  step = step if step is not None else checkpoint_steps(workdir)[-1]
+  """Flat {path: numpy array} of a saved train state (read on the host, no devices needed). A bucket's is read
+  in a fresh process, as train.py reads it: the libraries fix their storage route and endpoint at first use, so
+  a test process that met another server (or TensorFlow's route) earlier would read elsewhere."""
   import storage
-  storage.configure()  # A bucket workdir: the same route train.py takes.
+  step = step if step is not None else checkpoint_steps(workdir)[-1]
+  if storage.is_url(workdir):
+    import pickle
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, 'state.pkl')
+      subprocess.run([sys.executable, '-m', 'tests.harness', workdir, str(step), out], cwd=ROOT, env=_env(),
+                     check=True, timeout=120)
+      with open(out, 'rb') as f:
+        return pickle.load(f)
+  return _load_local(workdir, step)
+
+
+def _load_local(workdir, step) -> dict:
+  import orbax.checkpoint as ocp
+  import storage
+  storage.configure()
   path = storage.join(workdir, 'checkpoints', str(step), 'state')
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ckptr.metadata(path)
@@ -106,3 +122,9 @@ def assert_states_close(a: dict, b: dict, atol=1e-6):
   assert a.keys() == b.keys(), (sorted(a), sorted(b))
   worst = max((float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))), k) for k in a)
   assert worst[0] <= atol, f'largest difference {worst[0]:.3g} at {worst[1]}'
+
+
+if __name__ == '__main__':  # python -m tests.harness WORKDIR STEP OUT.pkl: load_checkpoint in a fresh process.
+  import pickle
+  with open(sys.argv[3], 'wb') as f:
+    pickle.dump(_load_local(sys.argv[1], int(sys.argv[2])), f)
