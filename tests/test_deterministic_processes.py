@@ -1,0 +1,81 @@
+"""deterministic=True across real processes: 2 processes x 2 devices give the bits of 1 process on 1, 2 and 4
+devices (the default CNN, global BatchNorm, 56 steps), and a run resumed on another topology (8 devices -> 2
+processes x 2 devices) ends with the bits of the uninterrupted run."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests import harness
+from tests.conftest import make_fake_mnist
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+STEPS = 56
+ARGS = ('--config.model=cnn', '--config.deterministic=True', f'--config.num_train_steps={STEPS}',
+        '--config.checkpoint_every_steps=28', '--config.keep_checkpoints=5', '--config.eval_every_steps=28')
+METRIC = ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy', 'test_top5_accuracy', 'test_examples')
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return make_fake_mnist(str(tmp_path_factory.mktemp('data')), num_train=512, num_test=96)
+
+
+def _metric_values(workdir, from_step=0):
+  """Every train and eval event's metric fields (no wall-clock or throughput fields), in order."""
+  out = []
+  for e in harness.metrics(workdir):
+    if e.get('kind') in ('train', 'eval') and e.get('step', 0) > from_step:
+      out.append({k: e[k] for k in ('kind', 'step', 'epoch', *METRIC) if k in e})
+  return out
+
+
+def _pair(workdir, tmp_path, name, *args):
+  port = harness.free_port()
+  logs = [str(tmp_path / f'{name}{i}.log') for i in (0, 1)]
+  procs = [harness.start_train(workdir, '--num_cpu_devices=2', f'--coordinator_address=127.0.0.1:{port}',
+                               '--num_processes=2', f'--process_id={i}', *args, log_path=logs[i]) for i in (0, 1)]
+  codes = [p.wait(timeout=300) for p in procs]
+  assert codes == [0, 0], open(logs[0]).read()[-3000:] + open(logs[1]).read()[-3000:]
+
+
+def _assert_bitwise(a: dict, b: dict, what):
+  assert a.keys() == b.keys(), what
+  bad = [k for k in a if not np.array_equal(a[k], b[k])]
+  assert not bad, f'{what}: leaves differ: {bad[:5]}'
+
+
+def test_two_processes_and_elastic_resume_bitwise(tmp_path, data_dir):
+  args = (f'--config.data_dir={data_dir}', *ARGS)
+  runs = {}
+  for n in (1, 2, 4, 8):
+    runs[n] = str(tmp_path / f'single{n}')
+    proc = harness.run_train(runs[n], f'--num_cpu_devices={n}', *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  multi = str(tmp_path / 'multi')
+  _pair(multi, tmp_path, 'multi', *args)
+  ref = harness.load_checkpoint(runs[1], STEPS)
+  ref_metrics = _metric_values(runs[1])
+  assert len([e for e in ref_metrics if e['kind'] == 'eval']) == 2
+  for name, w in (('2 devices', runs[2]), ('4 devices', runs[4]), ('8 devices', runs[8]), ('2x2 processes', multi)):
+    _assert_bitwise(ref, harness.load_checkpoint(w, STEPS), name)
+    assert _metric_values(w) == ref_metrics, name
+  # Elastic: the 8-device run's step-28 checkpoint resumed on 2 devices, and on 2 processes x 2 devices.
+  half = STEPS // 2
+  for name in ('resume2', 'resume2x2'):
+    w = str(tmp_path / name)
+    shutil.copytree(runs[8], w)
+    for s in harness.checkpoint_steps(w):
+      if s > half:
+        shutil.rmtree(os.path.join(w, 'checkpoints', str(s)))
+    if name == 'resume2':
+      proc = harness.run_train(w, '--num_cpu_devices=2', *args)
+      assert proc.returncode == 0, proc.stderr[-3000:]
+      assert f'resuming at step {half}' in proc.stdout + proc.stderr
+    else:
+      _pair(w, tmp_path, name, *args)
+    _assert_bitwise(ref, harness.load_checkpoint(w, STEPS), name)
+    assert _metric_values(w, half)[-len(_metric_values(runs[1], half)):] == _metric_values(runs[1], half), name
