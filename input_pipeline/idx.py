@@ -11,6 +11,7 @@ import zlib
 
 import numpy as np
 
+import storage
 from errors import UserError, setting
 
 # IDX type codes -> numpy dtypes (big-endian on disk).
@@ -23,18 +24,24 @@ SPLIT_FILES = {
 }
 
 
-def find_file(directory: str, stem: str) -> str:
-  """Returns `directory/stem.gz` or `directory/stem`, whichever exists."""
+def find_file(directory: str, stem: str, names=None) -> str:
+  """Returns `directory/stem.gz` or `directory/stem`, whichever exists. `names`: the directory's listing, if
+  the caller has it (in a bucket, one listing instead of a request per candidate)."""
   for name in (stem + '.gz', stem):
-    path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    path = storage.join(directory, name)
+    if (name in names) if names is not None else os.path.isfile(path):
       return path
   raise UserError(f'IDX file {stem}(.gz) is missing from {directory}: restore it (e.g. `apt-get install '
                   f'--reinstall dataset-fashion-mnist`) or point {setting("data_dir")} at a complete copy')
 
 
 def _read_bytes(path: str) -> bytes:
+  """The file's (decompressed) bytes. A bucket's file is fetched in one request (storage failures are already
+  one line each)."""
   try:
+    if storage.is_url(path):
+      data = storage.read_bytes(path)
+      return gzip.decompress(data) if path.endswith('.gz') else data
     if path.endswith('.gz'):
       with gzip.open(path, 'rb') as f:
         return f.read()
@@ -67,9 +74,11 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def load_split(directory: str, split: str, num_classes: int, image_shape=None):
-  """Loads one split as (images uint8 [N, H, W, C], labels int32 [N]), validated."""
-  image_path = find_file(directory, SPLIT_FILES[split][0])
-  label_path = find_file(directory, SPLIT_FILES[split][1])
+  """Loads one split as (images uint8 [N, H, W, C], labels int32 [N]), validated. `directory` may be a bucket
+  URL: each file is then read whole, in one request (an IDX file has no per-example objects)."""
+  names = set(storage.listdir(directory)) if storage.is_url(directory) else None
+  image_path = find_file(directory, SPLIT_FILES[split][0], names)
+  label_path = find_file(directory, SPLIT_FILES[split][1], names)
   images, labels = read_idx(image_path), read_idx(label_path)
   if images.ndim not in (3, 4):
     raise UserError(f'{image_path} holds an array of shape {images.shape}, expected images [N, H, W]')

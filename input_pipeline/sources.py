@@ -19,6 +19,7 @@ format, and nothing is read whole: the pipeline asks each source only for this p
 import os
 
 import paths
+import storage
 from errors import UserError, setting
 from input_pipeline import idx
 from input_pipeline.base import (
@@ -42,9 +43,9 @@ def _idx_dir(name: str, data_dir: str) -> str | None:
 
 
 def _has_idx_files(directory: str | None) -> bool:
-  if not directory or not os.path.isdir(directory):
+  if not directory:
     return False
-  return any(f.startswith('train-images-idx3-ubyte') for f in os.listdir(directory))
+  return any(f.startswith('train-images-idx3-ubyte') for f in storage.listdir(directory))
 
 
 def load_idx(name: str, data_dir: str, num_classes: int | None = None) -> InMemoryDataset:
@@ -52,7 +53,7 @@ def load_idx(name: str, data_dir: str, num_classes: int | None = None) -> InMemo
   if directory is None:
     raise UserError(f'dataset {name!r} has no default IDX directory: set {setting("data_dir")} to a directory of '
                     f'IDX files, or use {setting("data_source")}=tfds')
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise UserError(f'data directory {directory} does not exist: {how_to_get(name)}')
   spec = DATASETS.get(name)
   num_classes = num_classes or (spec.num_classes if spec else 10)
@@ -66,8 +67,8 @@ def load_idx(name: str, data_dir: str, num_classes: int | None = None) -> InMemo
 def _check_not_bucket(config) -> None:
   local = data_dir(config)
   if local and paths.is_url(local):
-    # The IDX and image-folder readers open local files only: say what to do instead of "no such directory".
-    raise UserError(f'{setting("data_dir")}={local} is a bucket URL: training data is read from a local disk only; '
+    # The image-folder reader opens local files only: say what to do instead of "no such directory".
+    raise UserError(f'{setting("data_dir")}={local} is a bucket URL: image folders are read from a local disk only; '
                     'copy the dataset first (`gcloud storage cp -r URL DIR`) and set data_dir to DIR')
 
 
@@ -79,7 +80,6 @@ def _check_data_dir(config) -> None:
 
 
 def _idx(config) -> Source:
-  _check_not_bucket(config)
   _check_data_dir(config)
   if config.dataset not in DATASETS and not config.data_dir:
     raise UserError(f'unknown dataset {config.dataset!r}: built-in datasets are {sorted(DATASETS)}; any TFDS name '

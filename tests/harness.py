@@ -105,6 +105,7 @@ def load_checkpoint(workdir, step=None) -> dict:
 
 def _load_local(workdir, step) -> dict:
   import orbax.checkpoint as ocp
+
   import storage
   storage.configure()
   path = storage.join(workdir, 'checkpoints', str(step), 'state')

@@ -246,8 +246,7 @@ def test_missing_directory(tmp_path, data_source):
   assert not os.path.exists(missing)
 
 
-@pytest.mark.parametrize('data_source', ['idx', 'folder'])
-def test_bucket_data_dir_is_one_user_error(data_source):
-  """A gs:// or s3:// data_dir must say "copy it locally" as a UserError, not fail inside a reader."""
+def test_bucket_image_folder_is_one_user_error():
+  """A gs:// or s3:// image folder must say "copy it locally" as a UserError, not fail inside a reader."""
   for url in ('gs://no-such-bucket/mnist', 's3://no-such-bucket/mnist'):
-    _user_error(lambda u=url: sources.load(_config(u, data_source=data_source)), url, 'copy')
+    _user_error(lambda u=url: sources.load(_config(u, data_source='folder')), url, 'copy')
