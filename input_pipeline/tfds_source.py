@@ -7,9 +7,10 @@ the preprocessor decodes it (`augment.py`), so a JPEG crop can use the fused dec
 Random access, so the same (seed, step, position) -> example guarantee holds as for folders and IDX:
   - ArrayRecord (`file_format=array_record`): `builder.as_data_source` (raw bytes), TFDS's own reader.
   - TFRecord (TFDS' default format, e.g. a `download_and_prepare` with default settings): an offset index,
-    built at start-up by reading each record's 12-byte header (one pass of seeks over the files, about a
-    second per 100k records on a local disk); each example is then one `pread`. The index holds 16 bytes
-    per example (20 MB for ImageNet's 1.28M), nothing else grows with the dataset.
+    built at start-up by reading each record's 12-byte header (locally one pass of seeks over the files,
+    about a second per 100k records; in a bucket `INDEX_BLOCK` ranged reads, cached); each example is then
+    one `pread`, or one ranged GET in a bucket. The index holds 16 bytes per example (20 MB for ImageNet's
+    1.28M), nothing else grows with the dataset.
 Example counts come from the files (or the data source), never from `info.splits` alone: under
 `tfds.testing.mock_data` that metadata is empty.
 """
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+import storage
 from errors import UserError, first_line, setting
 from input_pipeline import base, tf_host
 
@@ -44,34 +46,31 @@ def builder(name: str, data_dir: str):
 
 
 def is_prepared(b) -> bool:
-  return os.path.isfile(os.path.join(b.data_dir, 'dataset_info.json'))
+  return storage.isfile(storage.join(os.fspath(b.data_dir), 'dataset_info.json'))
+
+
+INDEX_BLOCK = 16 << 20  # Bytes per ranged read while indexing a shard in a bucket.
+INDEX_THREADS = 16  # Shards indexed at once (each shard's headers are a chain: the next depends on this length).
 
 
 class TFRecordIndex:
-  """Random access to the records of a list of (uncompressed) TFRecord files, in file order."""
+  """Random access to the records of a list of (uncompressed) TFRecord files, in file order. Local files are
+  indexed by seeking from header to header. A bucket's files are read in `INDEX_BLOCK` ranges (the headers
+  parsed from memory: a request per header would be one round trip per record), several shards at once, and
+  the index is kept in `storage.cache_dir` under the file's size and version, so a restart lists nothing new."""
 
   def __init__(self, paths: Sequence[str]):
     self.paths = list(paths)
-    files, offsets, lengths = [], [], []
-    for f, path in enumerate(self.paths):
-      size, pos = os.path.getsize(path), 0
-      with open(path, 'rb') as fh:
-        while pos < size:
-          header = fh.read(12)
-          if len(header) < 12:
-            raise UserError(f'{path} is truncated (a record header ends the file): prepare the dataset again')
-          length = struct.unpack('<Q', header[:8])[0]
-          if pos + 16 + length > size:
-            raise UserError(f'{path} is truncated (record at byte {pos} runs past the end of the file): '
-                            'prepare the dataset again')
-          files.append(f)
-          offsets.append(pos + 12)
-          lengths.append(length)
-          pos += 16 + length
-          fh.seek(pos)
-    self._file = np.asarray(files, np.int32)
-    self._offset = np.asarray(offsets, np.int64)
-    self._length = np.asarray(lengths, np.int64)
+    if self.paths and storage.is_url(self.paths[0]):
+      from concurrent.futures import ThreadPoolExecutor
+      with ThreadPoolExecutor(min(INDEX_THREADS, len(self.paths))) as pool:
+        parts = list(pool.map(_remote_index, self.paths))
+    else:
+      parts = [_local_index(p) for p in self.paths]
+    parts = parts or [(np.zeros(0, np.int64), np.zeros(0, np.int64))]
+    self._file = np.concatenate([np.full(len(o), f, np.int32) for f, (o, _) in enumerate(parts)])
+    self._offset = np.concatenate([o for o, _ in parts])
+    self._length = np.concatenate([n for _, n in parts])
 
   def __len__(self) -> int:
     return len(self._offset)
@@ -80,11 +79,59 @@ class TFRecordIndex:
     return self.paths[self._file[i]]
 
   def __getitem__(self, i: int) -> bytes:
-    fd = os.open(self.paths[self._file[i]], os.O_RDONLY)
-    try:
-      return os.pread(fd, int(self._length[i]), int(self._offset[i]))
-    finally:
-      os.close(fd)
+    """One `pread` locally, one ranged GET in a bucket."""
+    return storage.read_range(self.paths[self._file[i]], int(self._offset[i]), int(self._length[i]))
+
+
+def _truncated(path: str, pos: int, header: bool) -> UserError:
+  what = 'a record header ends the file' if header else f'record at byte {pos} runs past the end of the file'
+  return UserError(f'{path} is truncated ({what}): prepare the dataset again')
+
+
+def _local_index(path: str):
+  offsets, lengths = [], []
+  size, pos = os.path.getsize(path), 0
+  with open(path, 'rb') as fh:
+    while pos < size:
+      header = fh.read(12)
+      if len(header) < 12:
+        raise _truncated(path, pos, True)
+      length = struct.unpack('<Q', header[:8])[0]
+      if pos + 16 + length > size:
+        raise _truncated(path, pos, False)
+      offsets.append(pos + 12)
+      lengths.append(length)
+      pos += 16 + length
+      fh.seek(pos)
+  return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
+
+
+def _remote_index(path: str):
+  size, version = storage.stat(path)
+  cached = os.path.join(storage.cache_dir(path), f'tfrecord-index-{size}-{version}.npy'.replace('/', '_'))
+  if os.path.isfile(cached):
+    with contextlib.suppress(OSError, ValueError):
+      both = np.load(cached)
+      return both[0], both[1]
+  offsets, lengths, pos = [], [], 0
+  while pos < size:
+    start = pos
+    block = storage.read_range(path, start, min(INDEX_BLOCK, size - start))
+    if len(block) < 12:  # The end of the file, or an object that shrank while read.
+      raise _truncated(path, pos, True)
+    while pos + 12 <= start + len(block):
+      length = struct.unpack('<Q', block[pos - start: pos - start + 8])[0]
+      if pos + 16 + length > size:
+        raise _truncated(path, pos, False)
+      offsets.append(pos + 12)
+      lengths.append(length)
+      pos += 16 + length
+  both = np.asarray([offsets, lengths], np.int64).reshape(2, -1)
+  tmp = f'{cached}.tmp{os.getpid()}.npy'
+  with contextlib.suppress(OSError):  # A cache that cannot be written costs the next start a re-read, no more.
+    np.save(tmp, both)
+    os.replace(tmp, cached)
+  return both[0], both[1]
 
 
 def _records(b, split: str):
@@ -94,7 +141,12 @@ def _records(b, split: str):
   info = b.info
   if split in info.splits and info.file_format == file_adapters.FileFormat.TFRECORD:
     paths = [os.fspath(p) for p in info.splits[split].filepaths]
-    if paths and all(os.path.isfile(p) for p in paths):
+    if paths and storage.is_url(paths[0]):  # One listing, not a request per shard.
+      names = set(storage.listdir(storage.dirname(paths[0])))
+      present = all(p.rsplit('/', 1)[-1] in names for p in paths)
+    else:
+      present = all(os.path.isfile(p) for p in paths)
+    if paths and present:
       return TFRecordIndex(paths)
   try:
     return b.as_data_source(split, deserialize_method=decode_base.DeserializeMethod.RAW_BYTES)

@@ -149,6 +149,30 @@ def read_bytes(path: str) -> bytes:
   return _call(path, 'read', fs.cat_file, _key(path))
 
 
+def read_range(path: str, start: int, length: int) -> bytes:
+  """`length` bytes from byte `start`: a local `pread`, one ranged GET in a bucket."""
+  if not is_url(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+      return os.pread(fd, length, start)
+    finally:
+      os.close(fd)
+  fs = _fs(path)
+  return _call(path, 'read', fs.cat_file, _key(path), start=start, end=start + length)
+
+
+def stat(path: str) -> tuple[int, str]:
+  """(size in bytes, version): the version changes whenever the file is rewritten (a bucket's generation or
+  ETag; a local file's mtime), so a cache of something derived from the file knows when it is stale."""
+  if not is_url(path):
+    st = os.stat(path)
+    return st.st_size, str(st.st_mtime_ns)
+  fs = _fs(path)
+  info = _call(path, 'read', fs.info, _key(path))
+  version = next((str(info[k]) for k in ('generation', 'ETag', 'etag', 'md5Hash', 'mtime') if info.get(k)), '')
+  return int(info['size']), version
+
+
 def read_text(path: str) -> str:
   return read_bytes(path).decode('utf-8')
 
