@@ -148,12 +148,37 @@ def _records(b, split: str):
       present = all(os.path.isfile(p) for p in paths)
     if paths and present:
       return TFRecordIndex(paths)
+  if (split in info.splits and info.file_format == file_adapters.FileFormat.ARRAY_RECORD
+      and storage.is_url(os.fspath(b.data_dir))):
+    return _cached_array_records([os.fspath(p) for p in info.splits[split].filepaths])
   try:
     return b.as_data_source(split, deserialize_method=decode_base.DeserializeMethod.RAW_BYTES)
   except Exception as e:  # Missing split, unsupported format: TFDS raises several types.
     raise UserError(f'cannot read the {split!r} split of TFDS dataset {b.name!r} in {b.data_dir} '
                     f'({e.__class__.__name__}: {first_line(e)[:200]}): prepare it again, or choose an existing '
                     f'split with {setting("eval_split")} (splits: {", ".join(info.splits) or "unknown"})') from None
+
+
+def _cached_array_records(urls: Sequence[str]):
+  """ArrayRecord's reader opens local files only: a bucket's shards are copied once into `storage.cache_dir`
+  (named by size and version, so a rewritten shard is fetched again; the bucket stays the only source), then
+  read by TFDS' own ArrayRecord data source. The cache needs the split's size in local disk."""
+  from concurrent.futures import ThreadPoolExecutor
+
+  from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+  def fetch(url):
+    size, version = storage.stat(url)
+    local = os.path.join(storage.cache_dir(storage.dirname(url)), f'{url.rsplit("/", 1)[-1]}-{size}-{version}')
+    if not (os.path.isfile(local) and os.path.getsize(local) == size):
+      try:
+        storage.download(url, local)
+      except OSError as e:
+        raise UserError(f'cannot copy {url} into the local cache {os.path.dirname(local)} ({e.strerror or e}): '
+                        'free disk space there, or set DPTRAIN_CACHE_DIR to a disk with room') from None
+    return local
+  with ThreadPoolExecutor(max(1, min(INDEX_THREADS, len(urls)))) as pool:
+    return ArrayRecordDataSource(list(pool.map(fetch, urls)))
 
 
 class TfdsSource(base.Source):

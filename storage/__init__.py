@@ -161,6 +161,19 @@ def read_range(path: str, start: int, length: int) -> bytes:
   return _call(path, 'read', fs.cat_file, _key(path), start=start, end=start + length)
 
 
+def download(url: str, local: str) -> None:
+  """Copies the object at `url` to the local file `local`, streamed (never whole in memory), atomically: a
+  reader of `local` sees nothing or the whole object."""
+  fs = _fs(url)
+  tmp = f'{local}.tmp{os.getpid()}'
+  try:
+    _call(url, 'read', fs.get_file, _key(url), tmp)
+    os.replace(tmp, local)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def stat(path: str) -> tuple[int, str]:
   """(size in bytes, version): the version changes whenever the file is rewritten (a bucket's generation or
   ETag; a local file's mtime), so a cache of something derived from the file knows when it is stale."""

@@ -37,29 +37,32 @@ class DptrainBucketDigits(tfds.core.GeneratorBasedBuilder):
       yield i, {'image': image[..., None], 'label': int(label)}
 
 
-@pytest.fixture(scope='module')
-def prepared(tmp_path_factory):
-  from input_pipeline import idx
-  raw = make_fake_mnist(str(tmp_path_factory.mktemp('raw')), num_train=256, num_test=48)
-  for split in ('train', 'test'):
-    _ARRAYS[split] = tuple(idx.read_idx(os.path.join(raw, f'{stem}.gz')) for stem in idx.SPLIT_FILES[split])
-  root = str(tmp_path_factory.mktemp('tfds'))
-  b = DptrainBucketDigits(data_dir=root, file_format='tfrecord')
-  b.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=2))
-  assert b.info.splits['train'].num_shards == 2
-  return root
+_PREPARED = {}
+
+
+def _prepare(root_factory, file_format):
+  """The dataset prepared on a local disk in `file_format`, once per module."""
+  if file_format not in _PREPARED:
+    from input_pipeline import idx
+    if not _ARRAYS:
+      raw = make_fake_mnist(str(root_factory.mktemp('raw')), num_train=256, num_test=48)
+      for split in ('train', 'test'):
+        _ARRAYS[split] = tuple(idx.read_idx(os.path.join(raw, f'{stem}.gz')) for stem in idx.SPLIT_FILES[split])
+    root = str(root_factory.mktemp(file_format))
+    b = DptrainBucketDigits(data_dir=root, file_format=file_format)
+    b.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=2))
+    assert b.info.splits['train'].num_shards == 2
+    _PREPARED[file_format] = root
+  return _PREPARED[file_format]
 
 
 @pytest.fixture(scope='module')
-def counted(prepared):
+def counted():
+  """A fake-gcs-server of its own behind a proxy that counts requests."""
   port = harness.free_port()
   server = storage_servers.start_gcs(external_url=f'http://127.0.0.1:{port}')
   proxy = FaultProxy(server.url, port)
-  url = f'gs://{server.new_bucket()}/tfds'
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv('STORAGE_EMULATOR_HOST', proxy.url)
-    storage.upload_tree(prepared, url)
-    yield url, proxy
+  yield server, proxy
   proxy.stop()
   server.stop()
 
@@ -69,10 +72,15 @@ def _fields(workdir):
   return [{k: e[k] for k in keep if k in e} for e in harness.metrics(workdir) if e.get('kind') in ('train', 'eval')]
 
 
-def test_train_py_on_a_bucket_tfrecord_dataset_runs_the_local_batches(prepared, counted, monkeypatch, tmp_path):
-  url, proxy = counted
+@pytest.mark.parametrize('file_format', ['tfrecord', 'array_record'])
+def test_train_py_on_a_bucket_dataset_runs_the_local_batches(counted, tmp_path_factory, monkeypatch, tmp_path,
+                                                             file_format):
+  server, proxy = counted
+  prepared = _prepare(tmp_path_factory, file_format)
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', proxy.url)
   monkeypatch.setenv('DPTRAIN_CACHE_DIR', str(tmp_path / 'cache'))
+  url = f'gs://{server.new_bucket()}/tfds'
+  storage.upload_tree(prepared, url)
   steps, batch, eval_examples = 8, 64, 48
   args = ('--num_cpu_devices=2', '--config.data_source=tfds', f'--config.dataset={NAME}',
           f'--config.num_train_steps={steps}', '--config.eval_every_steps=4', '--config.log_every_steps=1')
@@ -89,9 +97,12 @@ def test_train_py_on_a_bucket_tfrecord_dataset_runs_the_local_batches(prepared, 
   assert [e for e in want if e['kind'] == 'eval'] and [e for e in want if e['kind'] == 'train']
   assert all(e['test_examples'] == eval_examples for e in want if e['kind'] == 'eval')
   assert _fields(runs['bucket']) == want and _fields(runs['bucket_again']) == want
-  # Examples read: each train step's batch, two full evals, a few the start reads to check the data.
+  # Examples read: each train step's batch, two full evals (the start also reads a few to check the data).
   examples = steps * batch + 2 * eval_examples
   first, again = requests[1], requests[2]
-  print(f'requests: first run {first}, with the cached index {again}; examples read {examples}')
-  assert examples <= first <= examples * 1.1 + 80, (first, examples)  # One ranged GET per example, a few more.
-  assert again < first, (again, first)  # The index (a read per shard of this size) comes from the cache.
+  print(f'{file_format}: requests: first run {first}, again (cached) {again}; examples read {examples}')
+  if file_format == 'tfrecord':  # One ranged GET per example, and a few more (metadata, listings, the index).
+    assert examples <= first <= examples * 1.1 + 80, (first, examples)
+  else:  # The shards are copied once (a few requests), then read locally.
+    assert first <= 60, first
+  assert again < first, (again, first)  # The index, or the copied shards, come from the cache.
