@@ -17,13 +17,22 @@ per split, evenly spaced beyond: format, size and colour mode. Images are decode
 sniffed image is grayscale (then 1 channel). Without `config.image_size` every sniffed image must share one
 size; a file that fails later (corrupt body, a size the sniff did not see) stops training with a line
 naming the file and the step.
+
+`data_dir` may be a bucket URL (`gs://`, `s3://`): the same layout, the same order, labels and digest as the
+same folder on a local disk, read through `storage` (the trainer's one route to buckets; TensorFlow's own GCS
+client has its endpoint compiled in). Start-up is one recursive listing with sizes (a request per 1000 objects)
+plus one ranged read of each sniffed header (in parallel); training reads one request per image, from
+tf.data's parallel map threads, so round trips overlap.
 """
 
+import io
 import os
+from concurrent import futures
 
 import numpy as np
 from absl import logging
 
+import storage
 from errors import UserError, setting
 from input_pipeline import base
 
@@ -31,6 +40,8 @@ EXTENSIONS = ('.jpg', '.jpeg', '.png')
 EVAL_DIRS = ('test', 'validation', 'val')
 SNIFF_LIMIT = 20000
 _GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
+SNIFF_BYTES = 1 << 16   # A bucket header sniff reads this much first (a JPEG's EXIF/ICC beyond it: the whole file)
+SNIFF_THREADS = 32      # Concurrent header reads from a bucket: latency-bound, not CPU-bound
 
 
 def _listdir(directory: str) -> list[str]:
@@ -85,6 +96,67 @@ def _scan(split_dir: str, classes=None) -> tuple[list[str], list[str], np.ndarra
   return classes, paths, np.asarray(labels, np.int32)
 
 
+def _order_key(rel: str):
+  """The local walk's order for a '/'-separated path under a class folder: a folder's files before its
+  sub-folders, each sorted by name."""
+  *dirs, name = rel.split('/')
+  return tuple((1, d) for d in dirs) + ((0, name),)
+
+
+def _scan_url(tree: dict[str, int], directory: str, split: str, classes=None):
+  """`_scan` over a bucket listing (`tree`: {path under `directory`: size}): (classes, URLs, labels, sizes)."""
+  split_dir = storage.join(directory, split)
+  by_class: dict[str, list[str]] = {}
+  for rel in tree:
+    parts = rel.split('/')
+    if parts[0] == split and len(parts) > 2 and not any(p.startswith('.') for p in parts):
+      by_class.setdefault(parts[1], []).append('/'.join(parts[2:]))
+  found = sorted(by_class)
+  if not found:
+    raise UserError(f'{split_dir} has no class folders: lay the images out as {split_dir}/<class>/*.jpg')
+  classes = classes or found
+  label_of = {c: k for k, c in enumerate(classes)}
+  paths, labels, sizes = [], [], []
+  for name in found:
+    if name not in label_of:
+      more = '...' if len(classes) > 10 else ''
+      raise UserError(f'{storage.join(split_dir, name)} is a class that the train folder does not have: '
+                      f'rename or remove it (train classes: {", ".join(classes[:10])}{more})')
+    for rel in sorted(by_class[name], key=_order_key):
+      path = storage.join(split_dir, name, rel)
+      if not rel.lower().endswith(EXTENSIONS):
+        raise UserError(f'{path} is not a JPEG or PNG image (by its name): remove it, or convert it to '
+                        f'{"/".join(EXTENSIONS)}')
+      paths.append(path)
+      labels.append(label_of[name])
+      sizes.append(tree[f'{split}/{name}/{rel}'])
+  return classes, paths, np.asarray(labels, np.int32), sizes
+
+
+def _headers(paths: list[str]):
+  """File objects for PIL: the path itself when local; a bucket's first `SNIFF_BYTES` of each file, read
+  `SNIFF_THREADS` at a time, in order (a chunk at a time, so memory stays bounded)."""
+  if not paths or not storage.is_url(paths[0]):
+    yield from paths
+    return
+  chunk = 8 * SNIFF_THREADS
+  with futures.ThreadPoolExecutor(SNIFF_THREADS) as pool:
+    for k in range(0, len(paths), chunk):
+      yield from (io.BytesIO(b) for b in pool.map(lambda p: storage.read_bytes(p, end=SNIFF_BYTES),
+                                                   paths[k:k + chunk]))
+
+
+def _open_header(path: str, head):
+  """PIL's header parse of `head`; a bucket prefix too short for it (a large EXIF block): the whole file."""
+  from PIL import Image
+  try:
+    return Image.open(head)
+  except Exception:
+    if isinstance(head, io.BytesIO) and len(head.getvalue()) >= SNIFF_BYTES:
+      return Image.open(io.BytesIO(storage.read_bytes(path)))
+    raise
+
+
 def _sniff(paths: list[str]) -> tuple[set, bool]:
   """(set of (height, width), all grayscale) from the headers of (a spread of) `paths`; bad files -> error.
 
@@ -96,15 +168,16 @@ def _sniff(paths: list[str]) -> tuple[set, bool]:
 
   from PIL import Image, UnidentifiedImageError
   step = max(1, -(-len(paths) // SNIFF_LIMIT))
+  sniffed = paths[::step]
   sizes, gray = set(), True
   large, noted = [], {}  # noted: warning category -> (count, first file, message)
   limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
   try:
-    for path in paths[::step]:
+    for path, head in zip(sniffed, _headers(sniffed), strict=True):
       with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try:
-          with Image.open(path) as im:
+          with _open_header(path, head) as im:
             fmt, (w, h), mode = im.format, im.size, im.mode
         except (UnidentifiedImageError, OSError, ValueError) as e:
           raise UserError(f'{path} is not a readable image ({e.__class__.__name__}: {str(e)[:120]}): '
@@ -135,6 +208,41 @@ class FolderSource(base.Source):
   """Images in class folders, read as encoded bytes by path."""
 
   def __init__(self, directory: str, eval_split: str = ''):
+    self._sizes = None  # {split: [bytes per file]} from a bucket's listing; local: stat'ed for the digest
+    if storage.is_url(directory):
+      self._init_url(directory, eval_split)
+    else:
+      self._init_local(directory, eval_split)
+    sizes, gray = _sniff(self._files['train'][0])
+    eval_sizes, eval_gray = _sniff(self._files['eval'][0])
+    self.channels = 1 if gray and eval_gray else 3
+    all_sizes = sizes | eval_sizes
+    self.image_shape = next(iter(all_sizes)) + (self.channels,) if len(all_sizes) == 1 else None
+    self.num_classes = len(self.classes)
+
+  def _init_url(self, directory: str, eval_split: str):
+    directory = directory.rstrip('/')
+    tree = storage.walk_files(directory)
+    if not tree:
+      raise UserError(f'{setting("data_dir")}={directory} does not exist (no objects under it): point it at a '
+                      'folder with train/<class>/ and test/<class>/ image folders')
+    tops = {rel.split('/', 1)[0] for rel in tree if '/' in rel}
+    if 'train' not in tops:
+      raise UserError(f'{directory} has no train/ folder: lay the images out as {directory}/train/<class>/*.jpg '
+                      'and test/<class>/*.jpg (test may also be named validation or val)')
+    names = [eval_split] if eval_split else list(EVAL_DIRS)
+    eval_name = next((n for n in names if n in tops), None)
+    if eval_name is None:
+      raise UserError(f'{directory} has no {" or ".join(n + "/" for n in names)} folder for evaluation: add one '
+                      f'(same class folders as train/), or name it with {setting("eval_split")}')
+    self.classes, train_paths, train_labels, train_sizes = _scan_url(tree, directory, 'train')
+    _, eval_paths, eval_labels, eval_sizes = _scan_url(tree, directory, eval_name, self.classes)
+    self._files = {'train': (train_paths, train_labels), 'eval': (eval_paths, eval_labels)}
+    self._split_dirs = {'train': storage.join(directory, 'train'), 'eval': storage.join(directory, eval_name)}
+    self._sizes = {'train': train_sizes, 'eval': eval_sizes}
+    self.description = f'folder:{directory} ({eval_name}/ for eval)'
+
+  def _init_local(self, directory: str, eval_split: str):
     if not os.path.isdir(directory):
       raise UserError(f'{setting("data_dir")}={directory} does not exist: point it at a folder with train/<class>/ '
                       'and test/<class>/ image folders')
@@ -151,12 +259,6 @@ class FolderSource(base.Source):
     _, eval_paths, eval_labels = _scan(eval_dir, self.classes)
     self._files = {'train': (train_paths, train_labels), 'eval': (eval_paths, eval_labels)}
     self._split_dirs = {'train': train_dir, 'eval': eval_dir}
-    sizes, gray = _sniff(train_paths)
-    eval_sizes, eval_gray = _sniff(eval_paths)
-    self.channels = 1 if gray and eval_gray else 3
-    all_sizes = sizes | eval_sizes
-    self.image_shape = next(iter(all_sizes)) + (self.channels,) if len(all_sizes) == 1 else None
-    self.num_classes = len(self.classes)
     self.description = f'folder:{directory} ({os.path.basename(eval_dir)}/ for eval)'
 
   def num_examples(self, split: str) -> int:
@@ -166,6 +268,11 @@ class FolderSource(base.Source):
     from input_pipeline.tf_host import tf
     paths, labels = self._files[split]
     paths_t, labels_t = tf.constant(paths), tf.constant(labels)
+    if paths and storage.is_url(paths[0]):
+      def fetch(path):  # One request; tf.data's parallel map threads overlap them (fsspec is thread-safe).
+        return storage.read_bytes(np.asarray(path).item().decode())
+      return lambda i: (tf.reshape(tf.numpy_function(fetch, [tf.gather(paths_t, i)], tf.string, stateful=False), []),
+                        tf.gather(labels_t, i))
     return lambda i: (tf.io.read_file(tf.gather(paths_t, i)), tf.gather(labels_t, i))
 
   def name_of(self, split: str, index: int) -> str:
@@ -179,8 +286,11 @@ class FolderSource(base.Source):
     parts = []
     for split in base.SPLITS:
       parts.append(split)
-      for p in self._files[split][0]:
-        parts += [os.path.relpath(p, self._split_dirs[split]), str(os.path.getsize(p))]
+      paths, top = self._files[split][0], self._split_dirs[split]
+      sizes = self._sizes[split] if self._sizes else [os.path.getsize(p) for p in paths]
+      for p, size in zip(paths, sizes, strict=True):
+        rel = p[len(top) + 1:] if self._sizes else os.path.relpath(p, top)
+        parts += [rel, str(size)]
     return base.digest_of(parts)
 
   def labels(self, split: str) -> np.ndarray:

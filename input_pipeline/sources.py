@@ -95,7 +95,6 @@ def _tfds(config) -> Source:
 
 def _folder(config) -> Source:
   from input_pipeline import folder
-  _check_not_bucket(config)
   return folder.load(config)
 
 

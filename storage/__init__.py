@@ -140,13 +140,13 @@ def isfile(path: str) -> bool:
   return bool(_call(path, 'read', fs.isfile, _key(path)))
 
 
-def read_bytes(path: str) -> bytes:
-  """The file's bytes; FileNotFoundError when there is none."""
+def read_bytes(path: str, end: int | None = None) -> bytes:
+  """The file's bytes (its first `end` bytes when given: one ranged read); FileNotFoundError when there is none."""
   if not is_url(path):
     with open(path, 'rb') as f:
-      return f.read()
+      return f.read() if end is None else f.read(end)
   fs = _fs(path)
-  return _call(path, 'read', fs.cat_file, _key(path))
+  return _call(path, 'read', fs.cat_file, _key(path), start=0 if end is not None else None, end=end)
 
 
 def read_range(path: str, start: int, length: int) -> bytes:
@@ -231,6 +231,29 @@ def listdir(path: str) -> list[str]:
     return []
   prefix = _key(path) + '/'
   return sorted({e.rstrip('/')[len(prefix):].split('/', 1)[0] for e in entries if e.startswith(prefix)} - {''})
+
+
+def walk_files(path: str) -> dict[str, int]:
+  """{path relative to `path` ('/'-separated): size in bytes} of every file under `path`, at any depth; {} when
+  there is none. A URL is one recursive listing (a request per 1000 objects, not one per folder or file), and a
+  bucket that does not exist is a `UserError`; a local path walks with `os`, following linked folders."""
+  if not is_url(path):
+    out = {}
+    for root, _, names in os.walk(path, followlinks=True):
+      for name in names:
+        full = os.path.join(root, name)
+        if os.path.isfile(full):
+          out[os.path.relpath(full, path).replace(os.sep, '/')] = os.path.getsize(full)
+    return out
+  fs = _fs(path)
+  try:
+    found = _call(path, 'list', fs.find, _key(path), detail=True)
+  except FileNotFoundError as e:  # A missing prefix lists nothing; only a missing bucket raises.
+    raise UserError(f'cannot list {path} (the bucket does not exist: {str(e)[:120]}): fix the bucket name '
+                    f'{scheme(path)}://{bucket(path)}') from None
+  prefix = _key(path) + '/'
+  return {k[len(prefix):]: int(v.get('size') or 0) for k, v in found.items()
+          if k.startswith(prefix) and v.get('type', 'file') == 'file' and not k.endswith('/')}
 
 
 def makedirs(path: str) -> None:
