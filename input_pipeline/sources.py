@@ -64,14 +64,6 @@ def load_idx(name: str, data_dir: str, num_classes: int | None = None) -> InMemo
   return InMemoryDataset(*train, *test, num_classes=num_classes, source=f'idx:{directory}', names=names)
 
 
-def _check_not_bucket(config) -> None:
-  local = data_dir(config)
-  if local and paths.is_url(local):
-    # The image-folder reader opens local files only: say what to do instead of "no such directory".
-    raise UserError(f'{setting("data_dir")}={local} is a bucket URL: image folders are read from a local disk only; '
-                    'copy the dataset first (`gcloud storage cp -r URL DIR`) and set data_dir to DIR')
-
-
 def _check_data_dir(config) -> None:
   local = data_dir(config)
   if local and not paths.is_url(local) and not os.path.isdir(local) and not config.download:

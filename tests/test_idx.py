@@ -244,9 +244,3 @@ def test_missing_directory(tmp_path, data_source):
   # `auto` falls back to TFDS, which is not prepared there either; both must say where they looked.
   _user_error(lambda: sources.load(_config(missing, data_source=data_source)), missing)
   assert not os.path.exists(missing)
-
-
-def test_bucket_image_folder_is_one_user_error():
-  """A gs:// or s3:// image folder must say "copy it locally" as a UserError, not fail inside a reader."""
-  for url in ('gs://no-such-bucket/mnist', 's3://no-such-bucket/mnist'):
-    _user_error(lambda u=url: sources.load(_config(u, data_source='folder')), url, 'copy')
