@@ -30,6 +30,7 @@ flags.DEFINE_integer('batch_size', 0, 'Global batch; 0: the default config\'s.')
 flags.DEFINE_integer('warmup_batches', 5, 'Batches pulled before timing starts (tf.data start-up, first copy).')
 flags.DEFINE_string('data_source', '', 'Overrides config.data_source (e.g. folder).')
 flags.DEFINE_string('data_dir', '', 'Overrides config.data_dir.')
+flags.DEFINE_string('dataset', '', 'Overrides config.dataset (a TFDS name with --data_source=tfds).')
 flags.DEFINE_string('augment', 'none', 'config.augment: none | cifar | imagenet.')
 flags.DEFINE_integer('image_size', 0, 'config.image_size (0: native).')
 flags.DEFINE_integer('threads', 0, 'config.data_threads: tf.data threads (0: one per core).')
@@ -53,6 +54,8 @@ def _timed(batches, seconds: float, warmup: int, finish=lambda b: b):
 def main(argv):
   del argv
   topology.configure_backend('cpu', FLAGS.num_devices)
+  import storage
+  storage.configure()  # As train.py: a bucket data_dir takes fsspec and the user's endpoint.
   # Only now the modules that use JAX: the simulated devices are fixed when its backend starts.
   import jax
 
@@ -65,6 +68,8 @@ def main(argv):
     config.data_source = FLAGS.data_source
   if FLAGS.data_dir:
     config.data_dir = FLAGS.data_dir
+  if FLAGS.dataset:
+    config.dataset = FLAGS.dataset
   batch = FLAGS.batch_size or config.batch_size
   seconds = 1.0 if FLAGS.quick else FLAGS.seconds
   warmup = 2 if FLAGS.quick else FLAGS.warmup_batches

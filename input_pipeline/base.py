@@ -29,8 +29,21 @@ class Source:
   def num_examples(self, split: str) -> int:
     raise NotImplementedError
 
+  # Examples come over the network (a bucket): the pipeline reads them ahead on I/O threads of their own
+  # (`read_ahead.py`) through `fetcher` and `parser`, which such a source implements; `reader` stays for the rest.
+  remote = False
+
   def reader(self, split: str) -> Callable:
     """A TF function: int64 index -> (image uint8 [H, W, C] or encoded bytes, int32 label)."""
+    raise NotImplementedError
+
+  def fetcher(self, split: str) -> Callable[[list[int]], list[bytes]]:
+    """A Python function, safe to call from several threads: indices -> their examples' encoded bytes (one
+    request each, all in flight at once: `storage.read_many`)."""
+    raise NotImplementedError
+
+  def parser(self, split: str) -> Callable:
+    """A TF function: (int64 index, string of `fetcher`'s bytes) -> what `reader` returns for that index."""
     raise NotImplementedError
 
   def name_of(self, split: str, index: int) -> str:

@@ -264,15 +264,28 @@ class FolderSource(base.Source):
   def num_examples(self, split: str) -> int:
     return len(self._files[split][0])
 
+  @property
+  def remote(self) -> bool:
+    paths = self._files['train'][0]
+    return bool(paths) and storage.is_url(paths[0])
+
+  def fetcher(self, split: str):
+    paths = self._files[split][0]
+    return lambda indices: storage.read_many([(paths[i], None, None) for i in indices])
+
+  def parser(self, split: str):
+    from input_pipeline.tf_host import tf
+    labels_t = tf.constant(self._files[split][1])
+    return lambda i, data: (tf.ensure_shape(data, []), tf.gather(labels_t, i))
+
   def reader(self, split: str):
     from input_pipeline.tf_host import tf
     paths, labels = self._files[split]
+    if self.remote:
+      fetch, parse = self.fetcher(split), self.parser(split)
+      return lambda i: parse(i, tf.numpy_function(lambda j: np.bytes_(fetch([int(j)])[0]), [i], tf.string,
+                                                  stateful=False))
     paths_t, labels_t = tf.constant(paths), tf.constant(labels)
-    if paths and storage.is_url(paths[0]):
-      def fetch(path):  # One request; tf.data's parallel map threads overlap them (fsspec is thread-safe).
-        return storage.read_bytes(np.asarray(path).item().decode())
-      return lambda i: (tf.reshape(tf.numpy_function(fetch, [tf.gather(paths_t, i)], tf.string, stateful=False), []),
-                        tf.gather(labels_t, i))
     return lambda i: (tf.io.read_file(tf.gather(paths_t, i)), tf.gather(labels_t, i))
 
   def name_of(self, split: str, index: int) -> str:

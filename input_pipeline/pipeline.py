@@ -61,14 +61,34 @@ def train_dataset(source, prep: augment.Preprocess, *, seed: int, global_batch: 
   if whole_batches(source, prep):
     ds = ds.map(lambda idx, step: _batch(prep, read(tf.cast(idx, tf.int64))), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
-  ds = ds.flat_map(lambda idx, step: tf.data.Dataset.from_tensor_slices((idx, tf.fill([hi - lo], step))))
-
-  def one(i, step):
-    image, label = read(tf.cast(i, tf.int64))
+  def one(i, step, image, label):
     return {'image': _example(prep, prep.train(image, augment.example_key(seed, step, i))), 'label': label}
 
-  ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE).batch(hi - lo)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
+  if getattr(source, 'remote', False):
+    def items():  # (index, step) in the order the batches hold them: what `read_ahead` fetches ahead.
+      for epoch in range(first_epoch, last_epoch + 1):
+        rows_of = epoch_rows(epoch)
+        for step in range(max(start_step, epoch * spe), min(max(num_steps, start_step), (epoch + 1) * spe)):
+          for i in rows_of[step - epoch * spe]:
+            yield i, step
+    ds = _read_ahead(source, 'train', items, tf.int64)
+    parse = source.parser('train')
+    ds = ds.map(lambda i, step, data: one(i, step, *parse(i, data)), num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    ds = ds.flat_map(lambda idx, step: tf.data.Dataset.from_tensor_slices((idx, tf.fill([hi - lo], step))))
+    ds = ds.map(lambda i, step: one(i, step, *read(tf.cast(i, tf.int64))), num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(hi - lo).prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
+
+
+def _read_ahead(source, split: str, items: Callable, second) -> tf.data.Dataset:
+  """(index int64, the item's second field, the example's bytes) for each (index, second) of `items()`, the
+  bytes fetched ahead on `read_ahead`'s I/O threads (a bucket source: one request per example)."""
+  from input_pipeline import read_ahead
+  fetch = source.fetcher(split)
+  return tf.data.Dataset.from_generator(
+      lambda: read_ahead.fetched(fetch, items()),
+      output_signature=(tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], second),
+                        tf.TensorSpec([None], tf.string))).unbatch()
 
 
 def whole_batches(source, prep) -> bool:
@@ -93,13 +113,18 @@ def eval_dataset(source, prep: augment.Preprocess, *, eval_batch: int, rows: tup
     ds = ds.map(lambda i, m: _batch(prep, read(tf.cast(i, tf.int64)), mask=m), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
 
-  def one(i, m):
-    image, label = read(tf.cast(i, tf.int64))
+  def one(image, label, m):
     return {'image': _example(prep, prep.eval(image)), 'label': label, 'mask': m}
 
-  ds = tf.data.Dataset.from_tensor_slices((idx[:, lo:hi].reshape(-1), mask[:, lo:hi].reshape(-1).astype(np.float32)))
-  ds = ds.map(one, num_parallel_calls=tf.data.AUTOTUNE).batch(hi - lo)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
+  flat_idx, flat_mask = idx[:, lo:hi].reshape(-1), mask[:, lo:hi].reshape(-1).astype(np.float32)
+  if getattr(source, 'remote', False):
+    ds = _read_ahead(source, 'eval', lambda: zip(flat_idx, flat_mask, strict=True), tf.float32)
+    parse = source.parser('eval')
+    ds = ds.map(lambda i, m, data: one(*parse(i, data), m), num_parallel_calls=tf.data.AUTOTUNE)
+  else:
+    ds = tf.data.Dataset.from_tensor_slices((flat_idx, flat_mask))
+    ds = ds.map(lambda i, m: one(*read(tf.cast(i, tf.int64)), m), num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(hi - lo).prefetch(tf.data.AUTOTUNE).with_options(_options(threads))
 
 
 def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:

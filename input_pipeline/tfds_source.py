@@ -82,6 +82,10 @@ class TFRecordIndex:
     """One `pread` locally, one ranged GET in a bucket."""
     return storage.read_range(self.paths[self._file[i]], int(self._offset[i]), int(self._length[i]))
 
+  def parts(self, indices) -> list[tuple[str, int, int]]:
+    """(file, offset, length) of each record: what `storage.read_many` reads."""
+    return [(self.paths[self._file[i]], int(self._offset[i]), int(self._length[i])) for i in indices]
+
 
 def _truncated(path: str, pos: int, header: bool) -> UserError:
   what = 'a record header ends the file' if header else f'record at byte {pos} runs past the end of the file'
@@ -226,14 +230,29 @@ class TfdsSource(base.Source):
   def num_examples(self, split: str) -> int:
     return len(self._records[split])
 
-  def reader(self, split: str):
-    records = self._records[split]
+  @property
+  def remote(self) -> bool:
+    """TFRecord files in a bucket (ArrayRecord shards are read from their local copies)."""
+    records = self._records['train']
+    return isinstance(records, TFRecordIndex) and bool(records.paths) and storage.is_url(records.paths[0])
 
-    def read(i):
-      serialized = tf.numpy_function(lambda j: np.bytes_(records[int(j)]), [i], tf.string, stateful=False)
+  def fetcher(self, split: str):
+    records = self._records[split]
+    if isinstance(records, TFRecordIndex):
+      return lambda indices: storage.read_many(records.parts(indices))
+    return lambda indices: [records[i] for i in indices]  # TFDS' data source (ArrayRecord): local reads.
+
+  def parser(self, split: str):
+    def parse(i, serialized):
+      del i  # The record holds its label.
       example = self._features.deserialize_example(tf.ensure_shape(serialized, []), decoders=self._decoders)
       return example[self._image_key], tf.cast(example[self._label_key], tf.int32)
-    return read
+    return parse
+
+  def reader(self, split: str):
+    fetch, parse = self.fetcher(split), self.parser(split)
+    return lambda i: parse(i, tf.numpy_function(lambda j: np.bytes_(fetch([int(j)])[0]), [i], tf.string,
+                                                stateful=False))
 
   def class_names(self):
     return self._names or super().class_names()

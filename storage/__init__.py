@@ -161,6 +161,29 @@ def read_range(path: str, start: int, length: int) -> bytes:
   return _call(path, 'read', fs.cat_file, _key(path), start=start, end=start + length)
 
 
+def read_many(parts: list[tuple[str, int | None, int | None]]) -> list[bytes]:
+  """The bytes of each (path, start, length) of `parts` (start and length None: the whole file), in order. In a
+  bucket, one request each, all in flight at once on fsspec's event loop (`cat_ranges`): a batch costs one round
+  trip, not one per part. The first failure raises as `read_range` would (missing: FileNotFoundError)."""
+  if not parts:
+    return []
+  if not is_url(parts[0][0]):
+    return [read_bytes(p) if start is None else read_range(p, start, length) for p, start, length in parts]
+  fs = _fs(parts[0][0])
+  keys = [_key(p) for p, _, _ in parts]
+  starts = [start for _, start, _ in parts]
+  ends = [None if start is None else start + length for _, start, length in parts]
+  out = _call(parts[0][0], 'read', fs.cat_ranges, keys, starts, ends, on_error='return')
+  for (path, _, _), value in zip(parts, out, strict=True):
+    if isinstance(value, BaseException):
+      _call(path, 'read', _reraise, value)
+  return out
+
+
+def _reraise(e: BaseException):
+  raise e
+
+
 def download(url: str, local: str) -> None:
   """Copies the object at `url` to the local file `local`, streamed (never whole in memory), atomically: a
   reader of `local` sees nothing or the whole object."""
