@@ -127,10 +127,10 @@ def measure_memory(args, text: str) -> dict:
 
 def memory_table(memory: dict) -> str:
   """The `--memory` table: XLA's per-device figures and the peak RSS, in MiB."""
-  mib = 1 << 20
-  lines = [f'  {"variant":40s} ' + ' '.join(f'{c:>7s}' for c, _ in MEMORY_FIELDS) + '  RSS base  RSS peak']
+  mib, w = 1 << 20, max([40, *map(len, memory)])
+  lines = [f'  {"variant":{w}s} ' + ' '.join(f'{c:>7s}' for c, _ in MEMORY_FIELDS) + '  RSS base  RSS peak']
   for name, m in memory.items():
-    lines.append(f'  {name:40s} ' + ' '.join(f'{m[c] / mib:7.2f}' for c, _ in MEMORY_FIELDS) +
+    lines.append(f'  {name:{w}s} ' + ' '.join(f'{m[c] / mib:7.2f}' for c, _ in MEMORY_FIELDS) +
                  f'  {m["rss_base_mib"]:8.0f}  {m["rss_peak_mib"]:8.0f}')
   return '\n'.join(lines)
 
