@@ -110,6 +110,14 @@ def step_memory(stepper, state, batch) -> dict:
   return {name: int(getattr(stats, field)) for name, field in MEMORY_FIELDS}
 
 
+class MemoryRunError(RuntimeError):
+  """A variant's memory process failed: its last stderr line and exit status (2: a config the job refused)."""
+
+  def __init__(self, message: str, returncode: int):
+    super().__init__(message)
+    self.returncode = returncode
+
+
 def measure_memory(args, text: str) -> dict:
   """One variant's memory figures (`--memory_child`), measured in a fresh process of this script."""
   with tempfile.TemporaryDirectory() as tmp:
@@ -120,7 +128,7 @@ def measure_memory(args, text: str) -> dict:
                           capture_output=True, text=True)
     if proc.returncode != 0:
       last = (proc.stderr.strip().splitlines() or [f'exit status {proc.returncode}'])[-1]
-      raise RuntimeError(f'the memory run of {text} failed: {last.removeprefix("error: ")}')
+      raise MemoryRunError(f'the memory run of {text} failed: {last.removeprefix("error: ")}', proc.returncode)
     with open(path) as f:
       return json.load(f)
 
@@ -211,9 +219,9 @@ def main(argv=None) -> int:
     runs.clear()  # Free this process's jobs before the children run.
     try:
       memory = {name: measure_memory(args, text) for name, text in zip(configs, args.variants, strict=True)}
-    except RuntimeError as e:
+    except MemoryRunError as e:
       print(f'error: {e}', file=sys.stderr)
-      return 1
+      return e.returncode
     print(f'memory, one fresh process per variant after {args.steps} steps: XLA\'s analysis of the compiled train '
           'step in MiB per device (alias: the donated state reusing output buffers; temp: scratch), and the '
           'process\'s peak RSS in MiB before the job is built (base) and at the end (peak)')

@@ -87,6 +87,12 @@ def test_step_ab_memory_measures_each_variant_in_its_own_process(tmp_path):
   assert full['temp'] > half['temp'] > 0, memory  # Activations scale with the batch.
   for m in (full, half):
     assert m['rss_peak_mib'] > m['rss_base_mib'] > 0, memory
+  # A job the variant's own process refuses: its one error line, the exit status 2 of a refused config.
+  uneven = subprocess.run([sys.executable, '-m', 'benchmarks.step_ab', '--pairs=0', '--memory', '--devices=3', '-'],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert uneven.returncode == 2 and uneven.stderr.strip().splitlines() == [
+      'error: the memory run of - failed: --config.batch_size=128 does not split over 3 devices: use a multiple '
+      'of 3, e.g. 126 or 129'], uneven.stderr
 
 
 def test_step_ab_pairs_windows_by_position():
