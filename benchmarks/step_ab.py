@@ -122,8 +122,9 @@ def measure_memory(args, text: str) -> dict:
   """One variant's memory figures (`--memory_child`), measured in a fresh process of this script."""
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'memory.json')
-    cmd = [sys.executable, '-m', 'benchmarks.step_ab', f'--config={args.config}', f'--devices={args.devices}',
-           f'--batch={args.batch}', f'--steps={args.steps}', f'--memory_child={path}', text]
+    cmd = [sys.executable, '-m', 'benchmarks.step_ab', f'--config={os.path.abspath(args.config)}',
+           f'--devices={args.devices}', f'--batch={args.batch}', f'--steps={args.steps}', f'--memory_child={path}',
+           text]
     proc = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           capture_output=True, text=True)
     if proc.returncode != 0:
