@@ -70,6 +70,31 @@ def test_step_ab_quick_compares_variants_and_names_a_bad_one(tmp_path):
   assert 'Traceback' not in uneven.stderr
 
 
+def test_step_ab_memory_measures_each_variant_in_its_own_process(tmp_path):
+  path = str(tmp_path / 'mem.json')
+  out = _run('benchmarks.step_ab', '--quick', '--pairs=0', '--memory', f'--json={path}', '-', 'batch_size=64')
+  lines = out.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.split()[:1] == ['variant'])
+  assert lines[header].split() == ['variant', 'args', 'out', 'alias', 'temp', 'code', 'RSS', 'base', 'RSS',
+                                   'peak'], out
+  assert [line.split()[0] for line in lines[header + 1:]] == ['-', 'batch_size=64'], out
+  with open(path) as f:
+    memory = json.load(f)['memory']
+  full, half = memory['-'], memory['batch_size=64']
+  # Per device: the 64 fewer rows (28x28x1 float32 images, int32 labels) split over the 2 devices; same state.
+  assert full['args'] - half['args'] == 64 * (28 * 28 * 4 + 4) // 2, memory
+  assert full['out'] == half['out'] and full['alias'] == half['alias'] > 0, memory
+  assert full['temp'] > half['temp'] > 0, memory  # Activations scale with the batch.
+  for m in (full, half):
+    assert m['rss_peak_mib'] > m['rss_base_mib'] > 0, memory
+  # A job the variant's own process refuses: its one error line, the exit status 2 of a refused config.
+  uneven = subprocess.run([sys.executable, '-m', 'benchmarks.step_ab', '--pairs=0', '--memory', '--devices=3', '-'],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+  assert uneven.returncode == 2 and uneven.stderr.strip().splitlines() == [
+      'error: the memory run of - failed: --config.batch_size=128 does not split over 3 devices: use a multiple '
+      'of 3, e.g. 126 or 129'], uneven.stderr
+
+
 def test_step_ab_pairs_windows_by_position():
   from benchmarks import step_ab
   summary = step_ab.paired_summary({'a': [100, 200, 100], 'b': [110, 180, 130]}, 'a')
