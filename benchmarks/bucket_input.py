@@ -33,7 +33,8 @@ flags.DEFINE_enum('part', 'all', ['all', 'throughput', 'first_step'], 'What to m
 flags.DEFINE_integer('images', 1500, 'Train JPEGs for the throughput part.')
 flags.DEFINE_list('threads', ['1', '2'], 'config.data_threads values to compare at.')
 flags.DEFINE_float('latency_ms', 20.0, 'Milliseconds the proxy holds each request.')
-flags.DEFINE_float('seconds', 10.0, 'Seconds timed per throughput measurement.')
+flags.DEFINE_float('seconds', 6.0, 'Seconds timed per throughput measurement.')
+flags.DEFINE_integer('pairs', 3, 'Interleaved local/bucket measurements per row (the table gives medians).')
 flags.DEFINE_integer('records', 100_000, 'Train records for the first_step part.')
 flags.DEFINE_string('tmp', '', 'Where to build the datasets (default: a new temporary folder, removed after).')
 
@@ -107,8 +108,9 @@ def _prepare_pngs(root: str, n: int) -> str:
 
   def arrays(count, seed):
     rng = np.random.default_rng(seed)
-    for _ in range(count):  # Small smooth-ish images: a random 8x8 field upsampled, as CIFAR-like PNGs.
-      yield np.repeat(np.repeat(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 4, 0), 4, 1), int(rng.integers(10))
+    for _ in range(count):  # A random 8x8 field upsampled, with noise: ~2.5 KB PNGs, as CIFAR-10's compress.
+      field = np.repeat(np.repeat(rng.integers(0, 256, (8, 8, 3)), 4, 0), 4, 1) + rng.normal(0, 8, (32, 32, 3))
+      yield np.clip(field, 0, 255).astype(np.uint8), int(rng.integers(10))
   tfds_dir = os.path.join(root, 'pngs')
   _EXAMPLES[PNG_NAME] = {'train': lambda: arrays(n, 0), 'test': lambda: arrays(1000, 1)}
   _builder(PNG_NAME, (32, 32, 3), 'png')(data_dir=tfds_dir).download_and_prepare(
@@ -130,7 +132,16 @@ def _images_per_sec(args, env) -> tuple[float, str]:
   return float(match.group(2)), proc.stdout
 
 
-def _throughput(root, gcs_url, proxy, env):
+def _cpu_s(pid: int) -> float:
+  """User + system CPU seconds of process `pid` so far."""
+  with open(f'/proc/{pid}/stat') as f:
+    fields = f.read().rsplit(')', 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def _throughput(root, gcs_url, server, proxy, env):
+  import statistics
+
   import storage
   t = time.perf_counter()
   folder, tfds_dir = _prepare_jpegs(root, FLAGS.images)
@@ -144,18 +155,27 @@ def _throughput(root, gcs_url, proxy, env):
   for name, (args, local, remote) in layouts.items():
     for threads in FLAGS.threads:
       common = [*args, f'--threads={threads}']
-      local_ips, _ = _images_per_sec([*common, f'--data_dir={local}'], env)
-      before = proxy.requests
-      bucket_ips, out = _images_per_sec([*common, f'--data_dir={remote}'], env)
-      requests = proxy.requests - before
-      rows.append((name, threads, local_ips, bucket_ips, requests))
-      print(f'  {name:<9} threads {threads}: local {local_ips:6.0f} img/s, bucket {bucket_ips:6.0f} img/s '
-            f'({bucket_ips / local_ips:.0%}), {requests} requests', flush=True)
+      local_ips, bucket_ips, ratios, costs = [], [], [], []
+      for _ in range(FLAGS.pairs):  # Interleaved: a slow spell of the machine hits both sides alike.
+        local_ips.append(_images_per_sec([*common, f'--data_dir={local}'], env)[0])
+        before, server_s, proxy_s = proxy.requests, _cpu_s(server.proc.pid), time.process_time()
+        bucket_ips.append(_images_per_sec([*common, f'--data_dir={remote}'], env)[0])
+        requests = max(1, proxy.requests - before)
+        costs.append(((_cpu_s(server.proc.pid) - server_s) / requests, (time.process_time() - proxy_s) / requests))
+        ratios.append(bucket_ips[-1] / local_ips[-1])
+        print(f'  {name:<9} threads {threads}: local {local_ips[-1]:6.0f} img/s, bucket {bucket_ips[-1]:6.0f} img/s '
+              f'({ratios[-1]:.0%}), {requests} requests', flush=True)
+      server_ms, proxy_ms = (1e3 * statistics.median(c[i] for c in costs) for i in (0, 1))
+      rows.append((name, threads, statistics.median(local_ips), statistics.median(bucket_ips),
+                   statistics.median(ratios), server_ms, proxy_ms))
   print(f'\nimagenet augmentation of 500x375 JPEGs to 224 px, host only, {FLAGS.latency_ms:.0f} ms per request, '
-        f'{os.cpu_count()} cores ({_cpu()}):')
-  print(f'  {"layout":<9} {"threads":>7} {"local img/s":>12} {"bucket img/s":>13} {"bucket/local":>13}')
-  for name, threads, local_ips, bucket_ips, _ in rows:
-    print(f'  {name:<9} {threads:>7} {local_ips:>12.0f} {bucket_ips:>13.0f} {bucket_ips / local_ips:>13.0%}')
+        f'{os.cpu_count()} cores ({_cpu()}); medians of {FLAGS.pairs} interleaved pairs:')
+  print(f'  {"layout":<9} {"threads":>7} {"local img/s":>12} {"bucket img/s":>13} {"bucket/local":>13} '
+        f'{"server ms CPU/req":>18} {"proxy ms CPU/req":>17}')
+  for name, threads, local_ips, bucket_ips, ratio, server_ms, proxy_ms in rows:
+    print(f'  {name:<9} {threads:>7} {local_ips:>12.0f} {bucket_ips:>13.0f} {ratio:>13.0%} {server_ms:>18.2f} '
+          f'{proxy_ms:>17.2f}')
+  print('  (the emulator and the proxy run on these cores; on a TPU VM the server is elsewhere)')
 
 
 def _first_step(root, gcs_url, env):
@@ -208,7 +228,7 @@ def main(argv):
     storage.configure()
     gcs_url = f'gs://{server.new_bucket()}'
     if FLAGS.part in ('all', 'throughput'):
-      _throughput(root, gcs_url, proxy, env)
+      _throughput(root, gcs_url, server, proxy, env)
     if FLAGS.part in ('all', 'first_step'):
       _first_step(root, gcs_url, env)
   finally:

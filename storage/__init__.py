@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 
 from errors import UserError
 
@@ -163,12 +164,16 @@ def read_range(path: str, start: int, length: int) -> bytes:
 
 def read_many(parts: list[tuple[str, int | None, int | None]]) -> list[bytes]:
   """The bytes of each (path, start, length) of `parts` (start and length None: the whole file), in order. In a
-  bucket, one request each, all in flight at once on fsspec's event loop (`cat_ranges`): a batch costs one round
-  trip, not one per part. The first failure raises as `read_range` would (missing: FileNotFoundError)."""
+  bucket, one request each, all in flight at once: a batch costs one round trip, not one per part. `gs://` reads
+  take tensorstore (C++ requests, no Python per request: gcsfs' event loop holds the GIL for ~1 ms a request,
+  which capped a bucket image folder at ~650 images/s); `s3://` takes s3fs' `cat_ranges`. The first failure
+  raises as `read_range` would (missing: FileNotFoundError)."""
   if not parts:
     return []
   if not is_url(parts[0][0]):
     return [read_bytes(p) if start is None else read_range(p, start, length) for p, start, length in parts]
+  if scheme(parts[0][0]) == 'gs':
+    return _read_many_gs(parts)
   fs = _fs(parts[0][0])
   keys = [_key(p) for p, _, _ in parts]
   starts = [start for _, start, _ in parts]
@@ -182,6 +187,65 @@ def read_many(parts: list[tuple[str, int | None, int | None]]) -> list[bytes]:
 
 def _reraise(e: BaseException):
   raise e
+
+
+# Tensorstore's own retries for the data reads (its default, 32 tries up to 32 s apart, outlasts any sensible
+# wait for a dead server): 429/503/dropped connections are retried with back-off, ~30 s in all, then one error.
+TENSORSTORE_READ_RETRIES = {'max_retries': 7, 'initial_delay': '0.5s', 'max_delay': '8s'}
+READ_CONCURRENCY = 128  # Requests in flight per bucket (tensorstore's default, 32, capped reads at ~1100/s at 20 ms).
+_KVSTORES: dict = {}
+_KVSTORES_LOCK = threading.Lock()
+
+
+def _gcs_endpoint() -> str:
+  """What tensorstore should reach: the emulator of STORAGE_EMULATOR_HOST (as gcsfs), else its own setting."""
+  emulator = os.environ.get('STORAGE_EMULATOR_HOST')
+  if emulator:
+    return emulator if '://' in emulator else f'http://{emulator}'
+  return os.environ.get('TENSORSTORE_GCS_HTTP_URL', '')
+
+
+def _kvstore(bucket_name: str):
+  """A tensorstore KvStore of the bucket, one per (bucket, endpoint): tensorstore reads its endpoint from
+  TENSORSTORE_GCS_HTTP_URL when a store opens, so it is set to ours for the open."""
+  url = _gcs_endpoint()
+  with _KVSTORES_LOCK:
+    if (bucket_name, url) not in _KVSTORES:
+      import tensorstore as ts
+      saved = os.environ.get('TENSORSTORE_GCS_HTTP_URL')
+      if url:
+        os.environ['TENSORSTORE_GCS_HTTP_URL'] = url
+      try:
+        context = ts.Context({'gcs_request_retries': TENSORSTORE_READ_RETRIES,
+                              'gcs_request_concurrency': {'limit': READ_CONCURRENCY}})
+        _KVSTORES[bucket_name, url] = ts.KvStore.open({'driver': 'gcs', 'bucket': bucket_name},
+                                                      context=context).result()
+      except ValueError as e:  # An invalid bucket name.
+        raise storage_error(f'gs://{bucket_name}', e, 'read') from None
+      finally:
+        if saved is None:
+          os.environ.pop('TENSORSTORE_GCS_HTTP_URL', None)
+        else:
+          os.environ['TENSORSTORE_GCS_HTTP_URL'] = saved
+    return _KVSTORES[bucket_name, url]
+
+
+def _read_many_gs(parts) -> list[bytes]:
+  futures = []
+  for path, start, length in parts:
+    key = _key(path).split('/', 1)[1] if '/' in _key(path) else ''
+    byte_range = None if start is None else slice(start, start + length)
+    futures.append(_kvstore(bucket(path)).read(key, byte_range=byte_range))
+  out = []
+  for (path, _, _), future in zip(parts, futures, strict=True):
+    try:
+      result = future.result()
+    except Exception as e:  # Tensorstore's status errors (ValueError and others): one line.
+      raise storage_error(path, e, 'read') from None
+    if result.state != 'value':
+      raise FileNotFoundError(path)
+    out.append(result.value)
+  return out
 
 
 def download(url: str, local: str) -> None:

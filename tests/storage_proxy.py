@@ -2,6 +2,7 @@
 can add latency, answer with an error status (429, 503), or drop the connection, and the whole server can go
 down (connections refused) and come back on the same port, as a real network and a real service do."""
 
+import contextlib
 import http.client
 import http.server
 import socket
@@ -177,6 +178,7 @@ class LatencyProxy:
     u = urllib.parse.urlsplit(upstream_url)
     self._upstream = (u.hostname, u.port)
     self.port, self.url, self.latency_s, self.requests = port, f'http://127.0.0.1:{port}', latency_s, 0
+    self._closing = False
     self._loop = asyncio.new_event_loop()
     started = threading.Event()
 
@@ -219,15 +221,25 @@ class LatencyProxy:
         request = data.startswith(_METHODS)
         self.requests += request
         queue.put_nowait((self._loop.time() + (self.latency_s if request else 0.0), data))
-    except OSError:
+    except (OSError, asyncio.CancelledError):  # Closed by the client, or by `stop`.
       pass
     finally:
       queue.put_nowait(None)
-      await asyncio.gather(*tasks, return_exceptions=True)
+      for t in tasks if self._closing else ():
+        t.cancel()
+      with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*tasks, return_exceptions=True)
 
   def stop(self) -> None:
-    def close():
+    import asyncio
+
+    async def close():
+      self._closing = True
       self._server.close()
-      self._loop.stop()
-    self._loop.call_soon_threadsafe(close)
+      tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+      for t in tasks:
+        t.cancel()
+      await asyncio.gather(*tasks, return_exceptions=True)
+    asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
+    self._loop.call_soon_threadsafe(self._loop.stop)
     self._thread.join(5)
