@@ -183,3 +183,14 @@ def test_device_check_dry_run_on_the_cpu(tmp_path):
   for name in ('resnet50', 'vit_b16'):
     assert check[name]['images_per_s'] > 0 and 0 < check[name]['mfu'] < 1, check[name]
   assert check['generator_images_per_s'] > 0 and set(check['host_overhead']) == {'1', '32'}
+
+
+@pytest.mark.slow
+def test_bucket_input_prints_both_parts(tmp_path):
+  """Tiny sizes: the bucket rows read through the latency proxy (requests counted), the first step is reached."""
+  out = _run('benchmarks.bucket_input', '--images=160', '--threads=1', '--pairs=1', '--seconds=1', '--records=300',
+             '--latency_ms=5', f'--tmp={tmp_path}')
+  rows = [r for r in (line.split() for line in out.splitlines()) if len(r) == 7 and r[0] in ('folder', 'tfrecord')]
+  assert [r[0] for r in rows] == ['folder', 'tfrecord'] and all(float(r[3]) > 0 for r in rows), out
+  assert all(int(line.split(', ')[-1].split()[0]) >= 128 for line in out.splitlines() if 'requests' in line), out
+  assert out.count('from start to the first step') == 2, out
