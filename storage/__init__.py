@@ -97,9 +97,9 @@ def advice(path: str, e: BaseException) -> str:
   return 'check the path, the bucket and the credentials, then rerun'
 
 
-def storage_error(path: str, e: BaseException, doing: str) -> UserError:
+def storage_error(path: str, e: BaseException, doing: str, limit: int = 200) -> UserError:
   """One line for a failed storage request on `path` (`doing`: 'read', 'write', ...)."""
-  text = f'{e.__class__.__name__}: {e}'.splitlines()[0][:200]
+  text = f'{e.__class__.__name__}: {e}'.splitlines()[0][:limit]
   return UserError(f'cannot {doing} {path} ({text}): {advice(path, e)}')
 
 
@@ -115,6 +115,8 @@ def _call(path: str, doing: str, fn, *args, **kwargs):
   except UserError:
     raise
   except Exception as e:  # gcsfs/s3fs/aiohttp/botocore each have their own types: all become one line.
+    from storage import health
+    health.failed(e)  # If the endpoint stopped answering, the watchdog stops the run in DOWN_S.
     raise storage_error(path, e, doing) from None
 
 

@@ -29,6 +29,22 @@ from trainer import workdir as workdir_lib
 
 CHECKSUM_KEY = 'state_sha256'
 
+# tensorstore's own retries of a failed Cloud Storage request (its default: 32, up to 32 s apart, ~15 min for
+# a server that is gone): 6 tries, 1 s to 8 s apart (~30 s), still enough for transient 429/503 errors.
+# Orbax builds every tensorstore context from these module dicts (no public option in 0.12.8).
+GCS_REQUEST_RETRIES = {'max_retries': 6, 'initial_delay': '1s', 'max_delay': '8s'}
+
+
+def _bound_tensorstore_retries() -> None:
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  for name in ('_BASE_TS_CONTEXT', '_DEFAULT_OCDBT_TS_CONTEXT'):
+    context = getattr(ts_utils, name, None)
+    if isinstance(context, dict):
+      context.setdefault('gcs_request_retries', dict(GCS_REQUEST_RETRIES))
+
+
+_bound_tensorstore_retries()
+
 
 class SaveFailed(UserError):
   """A checkpoint could not be written: the run stops rather than train on a state it cannot keep."""
@@ -211,7 +227,10 @@ class Checkpoints:
     except Exception as e:
       raise self._failed(step, e) from None
     if step is not None:
-      self.manager.reload()  # Orbax logs and skips a background failure: check the step really is there.
+      try:
+        self.manager.reload()  # Orbax logs and skips a background failure: check the step really is there.
+      except Exception as e:
+        raise self._failed(step, e) from None
       if step not in self.manager.all_steps():
         raise self._failed(step, RuntimeError('the background write did not complete (see the log above)'))
 
