@@ -117,12 +117,12 @@ def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_the_rerun_resumes(p
     if proc.poll() is None:
       proc.kill()
   out = log.read_text()
+  lines = _error_lines(out)
   assert elapsed < 120, f'{elapsed:.0f} s after the server went down: {out[-3000:]}'
   assert proc.returncode == 2 and 'Traceback' not in out, out[-3000:]
-  lines = _error_lines(out)
   assert len(lines) == 1 and proxy.url.split('//')[1] in lines[0] and 'rerun' in lines[0], out[-3000:]
-  print(f'stopped {elapsed:.1f} s after the server went down; committed before {seen}, after {_committed(workdir)}')
   after = _committed(workdir)
+  print(f'stopped {elapsed:.1f} s after the server went down (committed steps {seen}, then {after}): {lines[0]}')
   assert max(after) >= max(seen), (seen, after)  # The newest committed step is kept (or a newer one committed).
   r = harness.run_train(workdir, *args)
   out = r.stdout + r.stderr
