@@ -185,7 +185,7 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def _failed(self, step, error: BaseException) -> UserError:
+  def _failed(self, step, error: BaseException, doing: str = 'saving') -> UserError:
     if agreement.peer_error(error):  # A peer died or stopped mid-save: no disk advice (it is not the disk).
       what = f'saving checkpoint {step}' if step is not None else 'a checkpoint save'
       return agreement.lost_contact(f'{what} to {self.directory}', error)
@@ -193,8 +193,9 @@ class Checkpoints:
     detail = detail if len(detail) <= 160 else '...' + detail[-160:]
     fix = (storage.advice(self.directory, error).removesuffix(', then rerun') if storage.is_url(self.directory)
            else 'free disk space or make the directory writable')
-    return SaveFailed(f'saving checkpoint {step} to {self.directory} failed ({error.__class__.__name__}: '
-                      f'{detail}): {fix}, then rerun the same command (it resumes from the last complete checkpoint)')
+    where = f'saving checkpoint {step} to' if doing == 'saving' else f'{doing} checkpoint {step} in'
+    return SaveFailed(f'{where} {self.directory} failed ({error.__class__.__name__}: {detail}): {fix}, then rerun '
+                      'the same command (it resumes from the last complete checkpoint)')
 
   def save(self, state) -> None:
     """Starts an async save of `state` at its step (a no-op if that step is already saved).
@@ -229,8 +230,8 @@ class Checkpoints:
     if step is not None:
       try:
         self.manager.reload()  # Orbax logs and skips a background failure: check the step really is there.
-      except Exception as e:
-        raise self._failed(step, e) from None
+      except Exception as e:  # The listing failed (storage gone): the step may be complete, or not.
+        raise self._failed(step, e, doing='checking') from None
       if step not in self.manager.all_steps():
         raise self._failed(step, RuntimeError('the background write did not complete (see the log above)'))
 
