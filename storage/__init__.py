@@ -18,6 +18,7 @@ told to use fsspec instead of `tf.io.gfile` (whose Cloud Storage endpoint is com
 import hashlib
 import logging
 import os
+import re
 import shutil
 
 from errors import UserError
@@ -87,7 +88,8 @@ def advice(path: str, e: BaseException) -> str:
   """What to do about a failed storage request on `path`, from the error's kind (for one-line errors)."""
   low = f'{e.__class__.__name__}: {e}'.lower()
   where = f'{scheme(path)}://{bucket(path)}' if is_url(path) else path
-  if isinstance(e, PermissionError) or '403' in low or '401' in low or 'forbidden' in low or 'access denied' in low:
+  if isinstance(e, PermissionError) or re.search(r'\b40[13]\b', low) or 'forbidden' in low or 'access denied' in low:
+    # Whole numbers: a port such as 127.0.0.1:40109 is no status.
     return 'give the credentials access to it, or choose another path'
   if 'nosuchbucket' in low or 'bucket' in low and ('not found' in low or 'not exist' in low):
     return f'create the bucket {where} first, or fix the name'

@@ -1,10 +1,11 @@
 """A bound on how long a run waits for a storage endpoint that stopped answering.
 
-Each client retries on its own (gcsfs: 6 tries, ~33 s per call; tensorstore: its policy; each Orbax step runs
+Each client retries on its own (gcsfs: 6 tries, ~33 s per call; tensorstore: 6 tries, ~30 s; each Orbax step runs
 several calls in a row), so a server that dies mid-run would stall a run for minutes, in whichever thread
-happens to wait. Instead: the first failed request (gcsfs' retry hook, or any storage call of ours that fails)
-arms a watchdog thread, which then asks the endpoint itself, one short request every `PROBE_EVERY_S`. Any
-answer but a 5xx or 429 disarms it (a transient error: the clients' own retries carry on); no such answer
+happens to wait. Instead: the first failed request (gcsfs' retry hook, any storage call of ours that fails,
+or the watchdog's own probe every `IDLE_PROBE_S`: a server that holds connections without answering fails no
+request) arms a watchdog thread, which then asks the endpoint itself, one short request every `PROBE_EVERY_S`.
+Any answer but a 5xx or 429 disarms it (a transient error: the clients' own retries carry on); no such answer
 within `DOWN_S` of the first failure ends the process with one `error:` line (`errors.claim_line`, so it is
 the only one), whatever the other threads wait for. The newest committed checkpoint is never touched by
 this: a step half written when the process ends has no commit marker and is not resumed from.
@@ -20,7 +21,8 @@ import urllib.request
 from errors import claim_line
 
 DOWN_S = 60.0  # From the first failed request to the stop, when no probe got an answer meanwhile.
-PROBE_EVERY_S = 2.0
+PROBE_EVERY_S = 2.0  # While armed.
+IDLE_PROBE_S = 10.0  # While not: a server that holds connections open without answering fails no request.
 PROBE_TIMEOUT_S = 5.0
 
 _lock = threading.Lock()
@@ -38,11 +40,11 @@ def watch(path: str) -> None:
     _state['thread'].start()
 
 
-def failed(error: BaseException) -> None:
+def failed(error: BaseException, at: float | None = None) -> None:
   """Records a failed storage request (arms the watchdog; the first failure's time and text are kept)."""
   with _lock:
     if _state['since'] is None:
-      _state['since'] = time.monotonic()
+      _state['since'] = time.monotonic() if at is None else at
       _state['error'] = f'{error.__class__.__name__}: {error}'.splitlines()[0][:160] if str(error) else \
           error.__class__.__name__
 
@@ -86,16 +88,20 @@ def probe_url(path: str) -> str:
 
 
 def _loop() -> None:
+  import storage
+  idle_probe = time.monotonic() + IDLE_PROBE_S
   while True:
     time.sleep(PROBE_EVERY_S if _state['since'] is not None else 0.5)
     since, path = _state['since'], _state['path']
-    if since is None:
+    if since is None and time.monotonic() < idle_probe:
       continue
+    idle_probe, started = time.monotonic() + IDLE_PROBE_S, time.monotonic()
     if _answers(probe_url(path)):
       with _lock:
         _state['since'] = None
-      continue
-    if time.monotonic() - since >= DOWN_S:
+    elif since is None:
+      failed(TimeoutError(f'{storage.endpoint(path)} did not answer a probe within {PROBE_TIMEOUT_S:g}s'), started)
+    elif time.monotonic() - since >= DOWN_S:
       stop(path, time.monotonic() - since, _state['error'])
 
 

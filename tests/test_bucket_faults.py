@@ -86,8 +86,10 @@ def _committed(workdir) -> list[int]:
                 if n.isdigit() and storage.exists(storage.join(d, n, 'commit_success.txt')))
 
 
+@pytest.mark.parametrize('fault', ['down', 'stall'])
 def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_the_rerun_resumes(proxied, monkeypatch, tmp_path,
-                                                                               data_dir):
+                                                                               data_dir, fault):
+  """`down`: connections refused; `stall`: accepted and never answered (no request fails: the probe notices)."""
   server, proxy = proxied
   _env(monkeypatch, proxy.url, tmp_path)
   # A long lease: the stop must come from the storage bound, not from the lease renewal giving up.
@@ -104,7 +106,7 @@ def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_the_rerun_resumes(p
                             timeout=180, interval=0.05)
     assert proc.poll() is None, 'the run ended before the server went down: ' + log.read_text()[-3000:]
     seen = _committed(workdir)
-    proxy.down()
+    (proxy.down if fault == 'down' else proxy.stall)()
     down_at = time.monotonic()
     try:
       proc.wait(timeout=150)
@@ -113,6 +115,7 @@ def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_the_rerun_resumes(p
       proc.wait()
     elapsed = time.monotonic() - down_at
   finally:
+    proxy.unstall()
     proxy.up()
     if proc.poll() is None:
       proc.kill()
@@ -121,6 +124,8 @@ def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_the_rerun_resumes(p
   assert elapsed < 120, f'{elapsed:.0f} s after the server went down: {out[-3000:]}'
   assert proc.returncode == 2 and 'Traceback' not in out, out[-3000:]
   assert len(lines) == 1 and proxy.url.split('//')[1] in lines[0] and 'rerun' in lines[0], out[-3000:]
+  if fault == 'stall':
+    assert 'no answer from' in lines[0], lines[0]  # The watchdog's line: no client request ever failed.
   after = _committed(workdir)
   print(f'stopped {elapsed:.1f} s after the server went down (committed steps {seen}, then {after}): {lines[0]}')
   assert max(after) >= max(seen), (seen, after)  # The newest committed step is kept (or a newer one committed).
