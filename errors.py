@@ -4,6 +4,10 @@
 keeps its traceback. Raise it with a message that says what is wrong *and* how to fix it.
 """
 
+import threading
+
+_line = threading.Lock()
+
 
 class UserError(Exception):
   """Bad config, flags, data files, checkpoints or topology: reported as one clear line."""
@@ -22,3 +26,9 @@ def first_line(e: BaseException, limit: int = 200) -> str:
   """An exception's first message line, capped: enough to identify a cause in a one-line error."""
   text = str(e).strip()
   return text.splitlines()[0][:limit] if text else e.__class__.__name__
+
+
+def claim_line() -> bool:
+  """True for the first caller only: of the threads that may end a run with an `error:` line (the main
+  thread, the workdir lease, the storage watchdog), one prints, so a run never ends with two."""
+  return _line.acquire(blocking=False)

@@ -30,7 +30,7 @@ from ml_collections import config_flags  # noqa: E402
 import paths  # noqa: E402
 import storage  # noqa: E402  (no imports of fsspec until a URL is used: light)
 from cpu_kernels import malloc  # noqa: E402
-from errors import UserError, first_line  # noqa: E402
+from errors import UserError, claim_line, first_line  # noqa: E402
 from parallel import agreement, topology  # noqa: E402
 from trainer import cli, reporting, workdir  # noqa: E402
 
@@ -106,14 +106,17 @@ def run():
   except UserError as e:
     if cli.verbose(FLAGS, sys.argv):
       traceback.print_exc()
-    agreement.stopped(f'error: {e}')  # Its peers stop now with this line, not after --distributed_timeout.
-    print(f'error: {e}', file=sys.stderr)
-    _exit(2, now=isinstance(e, agreement.PeerLost))
+    _fail(f'error: {e}', now=isinstance(e, agreement.PeerLost))
   except preemption.Stopped as e:
     agreement.stopped(preemption.stopped_line(e))
     preemption.say(preemption.stopped_line(e))
     _exit(0)
   except Exception as e:
+    from storage import health
+    if health.failing() and not agreement.peer_error(e):  # A library's own error for the outage (Orbax, gcsfs).
+      if cli.verbose(FLAGS, sys.argv):
+        traceback.print_exc()
+      _fail(f'error: {storage.storage_error(FLAGS.workdir, e, "write")}')
     if not agreement.peer_error(e):  # A bug: its traceback stays; the peers still learn at once that it stopped.
       agreement.stopped(f'{e.__class__.__name__}: {first_line(e)}')
       raise
@@ -121,6 +124,19 @@ def run():
       traceback.print_exc()
     print(f'error: {agreement.lost_contact("the run", e)}', file=sys.stderr)
     _exit(2, now=True)
+
+
+def _fail(line: str, now: bool = False) -> None:
+  """Ends with `line` as the run's one error line (a watchdog or lease thread may have claimed it first: then
+  that thread prints and ends the process). While storage does not answer, leaves without the exit handlers:
+  each request they make would wait out the clients' retries."""
+  from storage import health
+  if not claim_line():
+    time.sleep(10)  # The claiming thread is printing its line, then ends the process.
+    _exit(2, now=True)
+  agreement.stopped(line)  # Its peers stop now with this line, not after --distributed_timeout.
+  print(line, file=sys.stderr)
+  _exit(2, now=now or health.failing())
 
 
 def _exit(code: int, now: bool = False) -> None:

@@ -18,6 +18,7 @@ told to use fsspec instead of `tf.io.gfile` (whose Cloud Storage endpoint is com
 import hashlib
 import logging
 import os
+import re
 import shutil
 import threading
 
@@ -88,7 +89,8 @@ def advice(path: str, e: BaseException) -> str:
   """What to do about a failed storage request on `path`, from the error's kind (for one-line errors)."""
   low = f'{e.__class__.__name__}: {e}'.lower()
   where = f'{scheme(path)}://{bucket(path)}' if is_url(path) else path
-  if isinstance(e, PermissionError) or '403' in low or '401' in low or 'forbidden' in low or 'access denied' in low:
+  if isinstance(e, PermissionError) or re.search(r'\b40[13]\b', low) or 'forbidden' in low or 'access denied' in low:
+    # Whole numbers: a port such as 127.0.0.1:40109 is no status.
     return 'give the credentials access to it, or choose another path'
   if 'nosuchbucket' in low or 'bucket' in low and ('not found' in low or 'not exist' in low):
     return f'create the bucket {where} first, or fix the name'
@@ -98,9 +100,9 @@ def advice(path: str, e: BaseException) -> str:
   return 'check the path, the bucket and the credentials, then rerun'
 
 
-def storage_error(path: str, e: BaseException, doing: str) -> UserError:
+def storage_error(path: str, e: BaseException, doing: str, limit: int = 200) -> UserError:
   """One line for a failed storage request on `path` (`doing`: 'read', 'write', ...)."""
-  text = f'{e.__class__.__name__}: {e}'.splitlines()[0][:200]
+  text = f'{e.__class__.__name__}: {e}'.splitlines()[0][:limit]
   return UserError(f'cannot {doing} {path} ({text}): {advice(path, e)}')
 
 
@@ -116,6 +118,8 @@ def _call(path: str, doing: str, fn, *args, **kwargs):
   except UserError:
     raise
   except Exception as e:  # gcsfs/s3fs/aiohttp/botocore each have their own types: all become one line.
+    from storage import health
+    health.failed(e)  # If the endpoint stopped answering, the watchdog stops the run in DOWN_S.
     raise storage_error(path, e, doing) from None
 
 

@@ -18,7 +18,9 @@ class FaultProxy:
   """`url`: where clients connect. Knobs (set them any time): `latency_s` per request; `fail(n, status)` answers
   the next n requests with `status`; `drop(n)` closes the connection of the next n requests unanswered;
   `every(n, faults)` gives every n-th request the next fault of `faults` in turn (a status or 'drop');
-  `down()` / `up()`. `requests` counts the requests that reached the proxy, `faults` those it failed."""
+  `down()` / `up()`; `stall()` holds every request unanswered (a server that accepts connections but never
+  answers) until `unstall()`, which closes them unforwarded. `requests` counts the requests that reached the
+  proxy, `faults` those it failed."""
 
   def __init__(self, upstream_url: str, port: int, latency_s: float = 0.0):
     u = urllib.parse.urlsplit(upstream_url)
@@ -27,6 +29,8 @@ class FaultProxy:
     self.requests = self.faults = 0
     self._fail, self._status, self._drop = 0, 503, 0
     self._every, self._kinds = 0, ()
+    self._released = threading.Event()
+    self._released.set()
     self._lock = threading.Lock()
     self._sockets = set()
     self._server = None
@@ -43,6 +47,12 @@ class FaultProxy:
   def every(self, n: int, faults=(503, 429, 'drop')) -> None:
     with self._lock:
       self._every, self._kinds = n, tuple(faults)
+
+  def stall(self) -> None:
+    self._released.clear()
+
+  def unstall(self) -> None:
+    self._released.set()
 
   def _next_fault(self):
     with self._lock:
@@ -99,6 +109,9 @@ class FaultProxy:
       def _forward(self):
         body = self._body()
         fault = proxy._next_fault()
+        if not proxy._released.is_set():
+          proxy._released.wait()
+          fault = 'drop'  # Never forwarded: the client gave up on it long ago.
         if proxy.latency_s:
           time.sleep(proxy.latency_s)
         if fault == 'drop':

@@ -1,12 +1,14 @@
 """A bucket workdir when the storage network fails, through train.py against a real fake-gcs-server behind a
-fault-injecting proxy (tests/storage_proxy.py): an endpoint that does not answer at start, and transient errors
-(429, 503, dropped connections) during a run."""
+fault-injecting proxy (tests/storage_proxy.py): an endpoint that does not answer at start, transient errors
+(429, 503, dropped connections) during a run, and the server going away mid-run (then coming back)."""
 
+import subprocess
 import time
 
 import numpy as np
 import pytest
 
+import storage
 from tests import harness, storage_servers
 from tests.conftest import make_fake_mnist
 from tests.storage_proxy import FaultProxy
@@ -75,3 +77,65 @@ def test_transient_errors_are_retried_and_the_run_ends_as_without_them(proxied, 
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
   assert [e['step'] for e in harness.metrics(faulty)] == [e['step'] for e in harness.metrics(clean)]
 
+
+
+def _committed(workdir) -> list[int]:
+  """Steps Orbax marked complete (commit_success.txt, written last on Cloud Storage)."""
+  d = storage.join(workdir, 'checkpoints')
+  return sorted(int(n) for n in storage.listdir(d)
+                if n.isdigit() and storage.exists(storage.join(d, n, 'commit_success.txt')))
+
+
+@pytest.mark.parametrize('fault', ['down', 'stall'])
+def test_a_server_that_dies_mid_run_stops_it_in_one_line_and_the_rerun_resumes(proxied, monkeypatch, tmp_path,
+                                                                               data_dir, fault):
+  """`down`: connections refused; `stall`: accepted and never answered (no request fails: the probe notices)."""
+  server, proxy = proxied
+  _env(monkeypatch, proxy.url, tmp_path)
+  # A long lease: the stop must come from the storage bound, not from the lease renewal giving up.
+  args = ('--num_cpu_devices=2', f'--config.data_dir={data_dir}', '--config.num_train_steps=48',
+          '--config.checkpoint_every_steps=4', '--config.workdir_lease_s=600')
+  clean = f'gs://{server.new_bucket()}/run'
+  workdir = f'gs://{server.new_bucket()}/run'
+  r = harness.run_train(clean, *args)
+  assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+  log = tmp_path / 'down.log'
+  proc = harness.start_train(workdir, *args, log_path=str(log))
+  try:
+    assert harness.wait_for(lambda: proc.poll() is not None or any(s >= 8 for s in _committed(workdir)),
+                            timeout=180, interval=0.05)
+    assert proc.poll() is None, 'the run ended before the server went down: ' + log.read_text()[-3000:]
+    seen = _committed(workdir)
+    (proxy.down if fault == 'down' else proxy.stall)()
+    down_at = time.monotonic()
+    try:
+      proc.wait(timeout=150)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+    elapsed = time.monotonic() - down_at
+  finally:
+    proxy.unstall()
+    proxy.up()
+    if proc.poll() is None:
+      proc.kill()
+  out = log.read_text()
+  lines = _error_lines(out)
+  assert elapsed < 120, f'{elapsed:.0f} s after the server went down: {out[-3000:]}'
+  assert proc.returncode == 2 and 'Traceback' not in out, out[-3000:]
+  assert len(lines) == 1 and proxy.url.split('//')[1] in lines[0] and 'rerun' in lines[0], out[-3000:]
+  if fault == 'stall':
+    assert 'no answer from' in lines[0], lines[0]  # The watchdog's line: no client request ever failed.
+  after = _committed(workdir)
+  print(f'stopped {elapsed:.1f} s after the server went down (committed steps {seen}, then {after}): {lines[0]}')
+  assert max(after) >= max(seen), (seen, after)  # The newest committed step is kept (or a newer one committed).
+  r = harness.run_train(workdir, *args)
+  out = r.stdout + r.stderr
+  assert r.returncode == 0 and 'Traceback' not in out and not _error_lines(out), out[-3000:]
+  assert f'resuming at step {max(after)}' in out and 'unreadable' not in out, out[-3000:]
+  a, b = harness.load_checkpoint(clean), harness.load_checkpoint(workdir)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  steps = [(e['step'], e['kind']) for e in harness.metrics(workdir)]
+  assert steps == [(e['step'], e['kind']) for e in harness.metrics(clean)], steps

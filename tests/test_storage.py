@@ -70,3 +70,42 @@ def test_urls_are_never_made_local_paths(tmp_path, monkeypatch):
   assert storage.dirname('gs://b/run/checkpoints') == 'gs://b/run'
   cache = storage.cache_dir('gs://b/run', 'tensorboard')
   assert cache.startswith(str(tmp_path / 'cache')) and 'gs:' not in cache
+
+
+_WATCH = '''
+import sys, time
+sys.path.insert(0, {root!r})
+from storage import health
+health.DOWN_S = 3
+health.watch({url!r})
+health.failed(ConnectionError('injected'))
+time.sleep(8)
+print('still running')
+'''
+
+
+def _watchdog(url: str):
+  import subprocess
+  import sys
+  import time
+
+  from tests import harness
+  t = time.monotonic()
+  r = subprocess.run([sys.executable, '-c', _WATCH.format(root=harness.ROOT, url=url)], capture_output=True,
+                     text=True, timeout=60)
+  return r, time.monotonic() - t
+
+
+def test_the_watchdog_stops_a_process_whose_endpoint_does_not_answer(monkeypatch):
+  from tests import harness
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', f'http://127.0.0.1:{harness.free_port()}')  # Nothing listens.
+  r, elapsed = _watchdog('gs://bucket/run')
+  assert r.returncode == 2 and 'still running' not in r.stdout and 'Traceback' not in r.stderr, r.stderr
+  lines = [line for line in r.stderr.splitlines() if line.startswith('error:')]
+  assert len(lines) == 1 and 'no answer from http://127.0.0.1:' in lines[0] and 'rerun' in lines[0], r.stderr
+  assert elapsed < 8, elapsed
+
+
+def test_the_watchdog_lets_a_process_go_on_when_its_endpoint_answers(gcs_bucket):
+  r, _ = _watchdog(gcs_bucket + '/run')  # One failure, then the endpoint answers: a transient error.
+  assert r.returncode == 0 and 'still running' in r.stdout and 'error:' not in r.stderr, r.stderr

@@ -29,6 +29,22 @@ from trainer import workdir as workdir_lib
 
 CHECKSUM_KEY = 'state_sha256'
 
+# tensorstore's own retries of a failed Cloud Storage request (its default: 32, up to 32 s apart, ~15 min for
+# a server that is gone): 6 tries, 1 s to 8 s apart (~30 s), still enough for transient 429/503 errors.
+# Orbax builds every tensorstore context from these module dicts (no public option in 0.12.8).
+GCS_REQUEST_RETRIES = {'max_retries': 6, 'initial_delay': '1s', 'max_delay': '8s'}
+
+
+def _bound_tensorstore_retries() -> None:
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  for name in ('_BASE_TS_CONTEXT', '_DEFAULT_OCDBT_TS_CONTEXT'):
+    context = getattr(ts_utils, name, None)
+    if isinstance(context, dict):
+      context.setdefault('gcs_request_retries', dict(GCS_REQUEST_RETRIES))
+
+
+_bound_tensorstore_retries()
+
 
 class SaveFailed(UserError):
   """A checkpoint could not be written: the run stops rather than train on a state it cannot keep."""
@@ -169,7 +185,7 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def _failed(self, step, error: BaseException) -> UserError:
+  def _failed(self, step, error: BaseException, doing: str = 'saving') -> UserError:
     if agreement.peer_error(error):  # A peer died or stopped mid-save: no disk advice (it is not the disk).
       what = f'saving checkpoint {step}' if step is not None else 'a checkpoint save'
       return agreement.lost_contact(f'{what} to {self.directory}', error)
@@ -177,8 +193,9 @@ class Checkpoints:
     detail = detail if len(detail) <= 160 else '...' + detail[-160:]
     fix = (storage.advice(self.directory, error).removesuffix(', then rerun') if storage.is_url(self.directory)
            else 'free disk space or make the directory writable')
-    return SaveFailed(f'saving checkpoint {step} to {self.directory} failed ({error.__class__.__name__}: '
-                      f'{detail}): {fix}, then rerun the same command (it resumes from the last complete checkpoint)')
+    where = f'saving checkpoint {step} to' if doing == 'saving' else f'{doing} checkpoint {step} in'
+    return SaveFailed(f'{where} {self.directory} failed ({error.__class__.__name__}: {detail}): {fix}, then rerun '
+                      'the same command (it resumes from the last complete checkpoint)')
 
   def save(self, state) -> None:
     """Starts an async save of `state` at its step (a no-op if that step is already saved).
@@ -211,7 +228,10 @@ class Checkpoints:
     except Exception as e:
       raise self._failed(step, e) from None
     if step is not None:
-      self.manager.reload()  # Orbax logs and skips a background failure: check the step really is there.
+      try:
+        self.manager.reload()  # Orbax logs and skips a background failure: check the step really is there.
+      except Exception as e:  # The listing failed (storage gone): the step may be complete, or not.
+        raise self._failed(step, e, doing='checking') from None
       if step not in self.manager.all_steps():
         raise self._failed(step, RuntimeError('the background write did not complete (see the log above)'))
 

@@ -18,8 +18,8 @@ from typing import Any
 from absl import logging
 
 import storage
-from errors import UserError, first_line, setting
-from storage import lease
+from errors import UserError, claim_line, first_line, setting
+from storage import health, lease
 
 # Config fields that change the data stream or the model: a resume with another value would mix two runs.
 # Fields a config does not define (older or newer configs) are not compared.
@@ -38,6 +38,7 @@ def check(workdir: str) -> None:
                     'local paths and gs://): use a gs:// or local --workdir (s3:// data and files are readable)')
   if storage.is_url(workdir):
     storage.probe_writable(workdir)
+    health.watch(workdir)  # From now on, an endpoint that stops answering stops the run in health.DOWN_S.
     return
   path = os.path.abspath(workdir)
   while not os.path.exists(path):
@@ -295,13 +296,16 @@ class _BucketLease:
 
   def _stop(self, line: str) -> None:
     """Ends the process now: the main thread may be writing, and must not write on."""
-    print(f'error: {line}', file=sys.stderr, flush=True)
+    if claim_line():  # Else another thread is printing the run's one line: end without a second.
+      print(f'error: {line}', file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(2)
 
   def release(self) -> None:
     """Deletes the lock if it is still ours (on a clean exit; a killed holder leaves its lease to expire)."""
     self.done.set()
+    if health.failing():  # Each request would wait out the clients' retries: leave the lease to expire.
+      return
     with self.mutex:
       got = _read_quietly(self.url)
       if got is None or got[1] != self.tag:
