@@ -29,10 +29,8 @@ from trainer import workdir as workdir_lib
 
 CHECKSUM_KEY = 'state_sha256'
 
-# tensorstore's own retries of a failed Cloud Storage request (its default: 32, up to 32 s apart, ~15 min for
-# a server that is gone): 6 tries, 1 s to 8 s apart (~30 s), still enough for transient 429/503 errors.
-# Orbax builds every tensorstore context from these module dicts (no public option in 0.12.8).
-GCS_REQUEST_RETRIES = {'max_retries': 6, 'initial_delay': '1s', 'max_delay': '8s'}
+# Orbax builds every tensorstore context from these module dicts (no public option in 0.12.8): they get the
+# bounded retries of `storage.GCS_REQUEST_RETRIES`.
 
 
 def _bound_tensorstore_retries() -> None:
@@ -40,7 +38,7 @@ def _bound_tensorstore_retries() -> None:
   for name in ('_BASE_TS_CONTEXT', '_DEFAULT_OCDBT_TS_CONTEXT'):
     context = getattr(ts_utils, name, None)
     if isinstance(context, dict):
-      context.setdefault('gcs_request_retries', dict(GCS_REQUEST_RETRIES))
+      context.setdefault('gcs_request_retries', dict(storage.GCS_REQUEST_RETRIES))
 
 
 _bound_tensorstore_retries()
