@@ -118,9 +118,12 @@ def _call(path: str, doing: str, fn, *args, **kwargs):
   except UserError:
     raise
   except Exception as e:  # gcsfs/s3fs/aiohttp/botocore each have their own types: all become one line.
-    from storage import health
-    health.failed(e)  # If the endpoint stopped answering, the watchdog stops the run in DOWN_S.
+    for hook in FAILURE_HOOKS:  # storage/health.py's watchdog: stops the run if the endpoint stopped answering.
+      hook(e)
     raise storage_error(path, e, doing) from None
+
+
+FAILURE_HOOKS: list = []  # Called with the error of each failed storage call (`health.watch` adds its own).
 
 
 def exists(path: str) -> bool:

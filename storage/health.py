@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.request
 
+import storage
 from errors import claim_line
 
 DOWN_S = 60.0  # From the first failed request to the stop, when no probe got an answer meanwhile.
@@ -36,6 +37,8 @@ def watch(path: str) -> None:
     if _state['thread'] is not None:
       return
     _hook_gcsfs()
+    if failed not in storage.FAILURE_HOOKS:
+      storage.FAILURE_HOOKS.append(failed)
     _state['thread'] = threading.Thread(target=_loop, name='storage-watchdog', daemon=True)
     _state['thread'].start()
 
@@ -83,12 +86,10 @@ def _answers(url: str) -> bool:
 
 
 def probe_url(path: str) -> str:
-  import storage
   return f'{storage.endpoint(path).rstrip("/")}/storage/v1/b/{storage.bucket(path)}'
 
 
 def _loop() -> None:
-  import storage
   idle_probe = time.monotonic() + IDLE_PROBE_S
   while True:
     time.sleep(PROBE_EVERY_S if _state['since'] is not None else 0.5)
@@ -107,7 +108,6 @@ def _loop() -> None:
 
 def stop(path: str, waited_s: float, error: str) -> None:
   """The one line, then the end of the process (threads blocked in a client's retries are not waited for)."""
-  import storage
   if claim_line():
     e = ConnectionError(f'no answer from {storage.endpoint(path)} for {waited_s:.0f}s since the first failed '
                         f'request, {error}')
