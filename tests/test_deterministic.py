@@ -155,6 +155,7 @@ def _assert_bits(ref, got, what):
 RECIPE = dict(grad_accum_steps=2, ema_decay=0.8, eval_flip=True, label_smoothing=0.1)
 
 
+@pytest.mark.slow  # ~45 s: in the full suite, not the quick loop.
 def test_trainer_steps_same_bits_on_1_2_4_8_devices_and_every_backend():
   """The MLP (BatchNorm) with micro-batches, EMA, k steps per dispatch, eval_flip: params, BN statistics,
   optimizer state, EMA, train metrics and eval sums bitwise equal on 1, 2, 4, 8 devices under shard_map, pmap
