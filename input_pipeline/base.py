@@ -70,6 +70,17 @@ class Source:
     return json.loads(json.dumps(self._identity))  # A copy: callers may edit theirs.
 
 
+def fetched_reader(source: Source, split: str) -> Callable:
+  """`reader` made of `fetcher` and `parser`: one example per call, fetched from a numpy_function. Its bytes
+  travel as an object array: `np.bytes_` would drop trailing NUL bytes (a protobuf may end in one)."""
+  from input_pipeline.tf_host import tf
+  fetch, parse = source.fetcher(split), source.parser(split)
+
+  def raw(j):
+    return np.array(fetch([int(j)])[0], dtype=object)
+  return lambda i: parse(i, tf.numpy_function(raw, [i], tf.string, stateful=False))
+
+
 def check_classes(source: Source) -> None:
   """A classifier needs 2 classes: with one, the loss is 0 and the accuracy 1.0 from the first step, and
   nothing is learned. In-memory labels are counted (a 10-class IDX file may hold a single label)."""

@@ -282,9 +282,7 @@ class FolderSource(base.Source):
     from input_pipeline.tf_host import tf
     paths, labels = self._files[split]
     if self.remote:
-      fetch, parse = self.fetcher(split), self.parser(split)
-      return lambda i: parse(i, tf.numpy_function(lambda j: np.bytes_(fetch([int(j)])[0]), [i], tf.string,
-                                                  stateful=False))
+      return base.fetched_reader(self, split)
     paths_t, labels_t = tf.constant(paths), tf.constant(labels)
     return lambda i: (tf.io.read_file(tf.gather(paths_t, i)), tf.gather(labels_t, i))
 

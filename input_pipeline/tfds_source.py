@@ -250,9 +250,7 @@ class TfdsSource(base.Source):
     return parse
 
   def reader(self, split: str):
-    fetch, parse = self.fetcher(split), self.parser(split)
-    return lambda i: parse(i, tf.numpy_function(lambda j: np.bytes_(fetch([int(j)])[0]), [i], tf.string,
-                                                stateful=False))
+    return base.fetched_reader(self, split)
 
   def class_names(self):
     return self._names or super().class_names()
