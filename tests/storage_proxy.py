@@ -151,6 +151,9 @@ class FaultProxy:
 
     class Server(http.server.ThreadingHTTPServer):
       daemon_threads = True
+      # socketserver's default backlog, 5, drops the SYNs of a burst of new connections (the read-ahead opens
+      # up to 128 at once): each dropped one waits out TCP's 1 s, 3 s, 7 s... retransmits.
+      request_queue_size = 1024
 
       def handle_error(self, request, client_address):
         pass  # A client that hung up (a dropped or cut connection): expected here.

@@ -115,5 +115,6 @@ class Utilization:
     if self._flops and self._peak:
       steps_per_sec = images_per_sec / self.job.config.batch_size
       out['flops_per_step'] = self._flops * n
-      out['mfu'] = round(self._flops * steps_per_sec / self._peak, 4)
+      # Significant digits, not decimals: a tiny net's MFU is ~1e-4 (4 decimals rounded it to 0).
+      out['mfu'] = float(f'{self._flops * steps_per_sec / self._peak:.3g}')
     return out
