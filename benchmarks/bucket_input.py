@@ -122,14 +122,15 @@ def _du(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def _images_per_sec(args, env) -> tuple[float, str]:
+def _images_per_sec(args, env) -> tuple[float, float]:
+  """(images/s, CPU ms per image of the input pipeline's process) of one benchmarks.input_pipeline run."""
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.input_pipeline', '--host_only', '--augment=imagenet',
                          '--image_size=224', f'--seconds={FLAGS.seconds}', *args], env=env, capture_output=True,
                         text=True, timeout=900)
-  match = re.search(r'host only \(tf\.data -> numpy\)\s+([\d.]+)\s+(\d+)', proc.stdout)
+  match = re.search(r'host only \(tf\.data -> numpy\)\s+([\d.]+)\s+(\d+)\s+[\d.]+\s+([\d.]+)', proc.stdout)
   if proc.returncode or not match:
     raise RuntimeError(f'benchmarks.input_pipeline failed ({proc.returncode}): {proc.stderr[-3000:]}')
-  return float(match.group(2)), proc.stdout
+  return float(match.group(2)), float(match.group(3))
 
 
 def _cpu_s(pid: int) -> float:
@@ -155,27 +156,33 @@ def _throughput(root, gcs_url, server, proxy, env):
   for name, (args, local, remote) in layouts.items():
     for threads in FLAGS.threads:
       common = [*args, f'--threads={threads}']
-      local_ips, bucket_ips, ratios, costs = [], [], [], []
+      local_ips, bucket_ips, ratios, costs, cpu_ratios = [], [], [], [], []
       for _ in range(FLAGS.pairs):  # Interleaved: a slow spell of the machine hits both sides alike.
-        local_ips.append(_images_per_sec([*common, f'--data_dir={local}'], env)[0])
+        ips, local_cpu = _images_per_sec([*common, f'--data_dir={local}'], env)
+        local_ips.append(ips)
         before, server_s, proxy_s = proxy.requests, _cpu_s(server.proc.pid), time.process_time()
-        bucket_ips.append(_images_per_sec([*common, f'--data_dir={remote}'], env)[0])
+        ips, bucket_cpu = _images_per_sec([*common, f'--data_dir={remote}'], env)
+        bucket_ips.append(ips)
+        cpu_ratios.append(local_cpu / bucket_cpu)
         requests = max(1, proxy.requests - before)
         costs.append(((_cpu_s(server.proc.pid) - server_s) / requests, (time.process_time() - proxy_s) / requests))
         ratios.append(bucket_ips[-1] / local_ips[-1])
-        print(f'  {name:<9} threads {threads}: local {local_ips[-1]:6.0f} img/s, bucket {bucket_ips[-1]:6.0f} img/s '
-              f'({ratios[-1]:.0%}), {requests} requests', flush=True)
+        print(f'  {name:<9} threads {threads}: local {local_ips[-1]:6.0f} img/s ({local_cpu:.2f} ms CPU/img), '
+              f'bucket {bucket_ips[-1]:6.0f} img/s ({bucket_cpu:.2f} ms CPU/img; {ratios[-1]:.0%}), {requests} '
+              'requests', flush=True)
       server_ms, proxy_ms = (1e3 * statistics.median(c[i] for c in costs) for i in (0, 1))
       rows.append((name, threads, statistics.median(local_ips), statistics.median(bucket_ips),
-                   statistics.median(ratios), server_ms, proxy_ms))
+                   statistics.median(ratios), statistics.median(cpu_ratios), server_ms, proxy_ms))
   print(f'\nimagenet augmentation of 500x375 JPEGs to 224 px, host only, {FLAGS.latency_ms:.0f} ms per request, '
         f'{os.cpu_count()} cores ({_cpu()}); medians of {FLAGS.pairs} interleaved pairs:')
   print(f'  {"layout":<9} {"threads":>7} {"local img/s":>12} {"bucket img/s":>13} {"bucket/local":>13} '
-        f'{"server ms CPU/req":>18} {"proxy ms CPU/req":>17}')
-  for name, threads, local_ips, bucket_ips, ratio, server_ms, proxy_ms in rows:
-    print(f'  {name:<9} {threads:>7} {local_ips:>12.0f} {bucket_ips:>13.0f} {ratio:>13.0%} {server_ms:>18.2f} '
-          f'{proxy_ms:>17.2f}')
-  print('  (the emulator and the proxy run on these cores; on a TPU VM the server is elsewhere)')
+        f'{"CPU/img local/bucket":>21} {"server ms CPU/req":>18} {"proxy ms CPU/req":>17}')
+  for name, threads, local_ips, bucket_ips, ratio, cpu_ratio, server_ms, proxy_ms in rows:
+    print(f'  {name:<9} {threads:>7} {local_ips:>12.0f} {bucket_ips:>13.0f} {ratio:>13.0%} {cpu_ratio:>21.0%} '
+          f'{server_ms:>18.2f} {proxy_ms:>17.2f}')
+  print('  (the emulator and the proxy run on these cores; on a TPU VM the server is elsewhere. CPU/img '
+        'local/bucket: the\n  input pipeline process\'s own CPU per image, local over bucket: the share of the '
+        'local images/s that\n  its cores alone allow the bucket run)')
 
 
 def _first_step(root, gcs_url, env):

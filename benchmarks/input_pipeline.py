@@ -38,17 +38,18 @@ flags.DEFINE_bool('host_only', False, 'Skip the to-device mode.')
 
 
 def _timed(batches, seconds: float, warmup: int, finish=lambda b: b):
-  """(batches, elapsed seconds) consumed from `batches` in about `seconds`, after `warmup` untimed ones."""
+  """(batches, elapsed seconds, CPU seconds of this process: all its threads) consumed from `batches` in about
+  `seconds`, after `warmup` untimed ones."""
   it = iter(batches)
   for _ in range(warmup):
     finish(next(it))
-  count, start = 0, time.perf_counter()
+  count, start, cpu = 0, time.perf_counter(), time.process_time()
   while True:
     finish(next(it))
     count += 1
     elapsed = time.perf_counter() - start
     if elapsed >= seconds:
-      return count, elapsed
+      return count, elapsed, time.process_time() - cpu
 
 
 def main(argv):
@@ -91,29 +92,30 @@ def main(argv):
     return pipeline.as_numpy(ds)
 
   results = []
-  n, s = _timed(stream(), seconds, warmup)
-  results.append(('host only (tf.data -> numpy)', n, s))
+  results.append(('host only (tf.data -> numpy)', *_timed(stream(), seconds, warmup)))
   if not FLAGS.host_only:
     feed = device_feed.Prefetcher(stream(), lambda b: mesh_lib.to_global(mesh, b), config.prefetch_batches)
     try:
-      n, s = _timed(feed, seconds, warmup, finish=jax.block_until_ready)
+      timed = _timed(feed, seconds, warmup, finish=jax.block_until_ready)
     finally:
       feed.close()  # A placement thread still running at interpreter exit can abort the process.
     results.append((f'to device ({mesh.devices.size} x {jax.devices()[0].platform}, prefetch '
-                    f'{config.prefetch_batches})', n, s))
+                    f'{config.prefetch_batches})', *timed))
 
   print(f'Input pipeline alone: {config.dataset} from {data.description} ({num_train} train images, '
         f'loaded in {load_s:.1f}s), {prep.describe()}, global batch {batch}, {os.cpu_count()} CPU cores, '
         f'{config.data_threads or os.cpu_count()} tf.data threads')
   width = max(len(r[0]) for r in results)
-  header = f'  {"mode":<{width}}  {"batches/s":>10}  {"images/s":>10}  {"x train step":>12}'
+  header = f'  {"mode":<{width}}  {"batches/s":>10}  {"images/s":>10}  {"x train step":>12}  {"CPU ms/image":>12}'
   print(header)
   print('  ' + '-' * (len(header) - 2))
-  for name, n, s in results:
+  for name, n, s, cpu in results:
     ips = n * batch / s
-    print(f'  {name:<{width}}  {n / s:>10.1f}  {ips:>10.0f}  {ips / FLAGS.train_images_per_sec:>12.2f}')
+    print(f'  {name:<{width}}  {n / s:>10.1f}  {ips:>10.0f}  {ips / FLAGS.train_images_per_sec:>12.2f}  '
+          f'{1e3 * cpu / (n * batch):>12.2f}')
   print(f'  (x train step: images/s over the {FLAGS.train_images_per_sec:.0f} img/s the train step consumes; '
-        f'> 1: the input keeps up; {seconds:.0f}s timed per mode after {warmup} warm-up batches)')
+        f'> 1: the input keeps up; CPU: of this process, all threads; {seconds:.0f}s timed per mode after {warmup} '
+        'warm-up batches)')
   sys.stdout.flush()
 
 

@@ -107,7 +107,9 @@ def _load_local(workdir, step) -> dict:
   import orbax.checkpoint as ocp
 
   import storage
+  from storage import orbax_route
   storage.configure()
+  orbax_route.install()  # s3:// checkpoints, as trainer/checkpoints.py reads them.
   path = storage.join(workdir, 'checkpoints', str(step), 'state')
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ckptr.metadata(path)

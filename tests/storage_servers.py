@@ -6,6 +6,7 @@ free port, with the environment a user would set to point every client at them (
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -14,11 +15,22 @@ import uuid
 from tests.harness import free_port
 
 
+def _log_file():
+  """Where a server's stderr goes: a file, never a pipe (moto logs every request; a pipe nobody reads fills
+  at 64 KiB and then blocks every request thread on the logging lock: the server hangs mid-test)."""
+  return tempfile.TemporaryFile(mode='w+')
+
+
+def _log_tail(proc: subprocess.Popen) -> str:
+  proc.log.seek(0)
+  return proc.log.read()[-2000:]
+
+
 def _wait_ready(proc: subprocess.Popen, url: str, what: str, timeout: float = 30) -> None:
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if proc.poll() is not None:
-      raise RuntimeError(f'{what} exited at start ({proc.returncode}): {proc.stderr.read()[-2000:]!r}')
+      raise RuntimeError(f'{what} exited at start ({proc.returncode}): {_log_tail(proc)!r}')
     try:
       with urllib.request.urlopen(url, timeout=2):
         return
@@ -70,10 +82,12 @@ def start_gcs(external_url: str = '') -> Server:
   port = free_port()
   url = f'http://127.0.0.1:{port}'
   external = external_url or url
+  log = _log_file()
   proc = subprocess.Popen([fake_gcs_binary(), '-scheme', 'http', '-backend', 'memory', '-host', '127.0.0.1',
                            '-port', str(port), '-external-url', external,
                            '-public-host', external.split('://', 1)[1], '-log-level', 'error'],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          stdout=subprocess.DEVNULL, stderr=log)
+  proc.log = log
   _wait_ready(proc, f'{url}/storage/v1/b', 'fake-gcs-server')
   return Server('gs', proc, url, {'STORAGE_EMULATOR_HOST': url})
 
@@ -82,8 +96,10 @@ def start_s3() -> Server:
   """moto's S3 server (`moto.server`, a real HTTP server) in its own process, with dummy credentials."""
   port = free_port()
   url = f'http://127.0.0.1:{port}'
+  log = _log_file()
   proc = subprocess.Popen([sys.executable, '-m', 'moto.server', '-H', '127.0.0.1', '-p', str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.DEVNULL, stderr=log)
+  proc.log = log
   _wait_ready(proc, url, 'moto S3 server')
   env = {'AWS_ENDPOINT_URL': url, 'AWS_ACCESS_KEY_ID': 'testing', 'AWS_SECRET_ACCESS_KEY': 'testing',
          'AWS_DEFAULT_REGION': 'us-east-1', 'AWS_REGION': 'us-east-1'}

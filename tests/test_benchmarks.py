@@ -191,6 +191,6 @@ def test_bucket_input_prints_the_bucket_and_local_rows(tmp_path):
   train.py on a bucket TFRecord dataset, as tests/test_bucket_tfds.py does: not again here (suite time)."""
   out = _run('benchmarks.bucket_input', '--part=throughput', '--images=160', '--threads=1', '--pairs=1',
              '--seconds=1', '--latency_ms=5', f'--tmp={tmp_path}')
-  rows = [r for r in (line.split() for line in out.splitlines()) if len(r) == 7 and r[0] in ('folder', 'tfrecord')]
+  rows = [r for r in (line.split() for line in out.splitlines()) if len(r) == 8 and r[0] in ('folder', 'tfrecord')]
   assert [r[0] for r in rows] == ['folder', 'tfrecord'] and all(float(r[3]) > 0 for r in rows), out
   assert all(int(line.split(', ')[-1].split()[0]) >= 128 for line in out.splitlines() if 'requests' in line), out

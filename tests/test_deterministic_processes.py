@@ -1,6 +1,7 @@
-"""deterministic=True across real processes: 2 processes x 2 devices give the bits of 1 process on 1, 2 and 4
+"""deterministic=True across real processes: 2 processes x 2 devices give the bits of 1 process on 1 and 8
 devices (the default CNN, global BatchNorm, 56 steps), and a run resumed on another topology (8 devices -> 2
-processes x 2 devices) ends with the bits of the uninterrupted run."""
+devices, -> 2 processes x 2 devices) ends with the bits of the uninterrupted run. (1, 2, 4 and 8 devices in one
+process: tests/test_deterministic.py.)"""
 
 import os
 import shutil
@@ -51,7 +52,7 @@ def _assert_bitwise(a: dict, b: dict, what):
 def test_two_processes_and_elastic_resume_bitwise(tmp_path, data_dir):
   args = (f'--config.data_dir={data_dir}', *ARGS)
   runs = {}
-  for n in (1, 2, 4, 8):
+  for n in (1, 8):
     runs[n] = str(tmp_path / f'single{n}')
     proc = harness.run_train(runs[n], f'--num_cpu_devices={n}', *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,7 +61,7 @@ def test_two_processes_and_elastic_resume_bitwise(tmp_path, data_dir):
   ref = harness.load_checkpoint(runs[1], STEPS)
   ref_metrics = _metric_values(runs[1])
   assert len([e for e in ref_metrics if e['kind'] == 'eval']) == 2
-  for name, w in (('2 devices', runs[2]), ('4 devices', runs[4]), ('8 devices', runs[8]), ('2x2 processes', multi)):
+  for name, w in (('8 devices', runs[8]), ('2x2 processes', multi)):
     _assert_bitwise(ref, harness.load_checkpoint(w, STEPS), name)
     assert _metric_values(w) == ref_metrics, name
   # Elastic: the 8-device run's step-28 checkpoint resumed on 2 devices, and on 2 processes x 2 devices.

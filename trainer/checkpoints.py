@@ -25,23 +25,12 @@ import storage
 from errors import UserError, first_line, setting
 from parallel import agreement
 from parallel.state import checkpoint_tree, from_checkpoint_tree
+from storage import orbax_route
 from trainer import workdir as workdir_lib
 
 CHECKSUM_KEY = 'state_sha256'
 
-# Orbax builds every tensorstore context from these module dicts (no public option in 0.12.8): they get the
-# bounded retries of `storage.GCS_REQUEST_RETRIES`.
-
-
-def _bound_tensorstore_retries() -> None:
-  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-  for name in ('_BASE_TS_CONTEXT', '_DEFAULT_OCDBT_TS_CONTEXT'):
-    context = getattr(ts_utils, name, None)
-    if isinstance(context, dict):
-      context.setdefault('gcs_request_retries', dict(storage.GCS_REQUEST_RETRIES))
-
-
-_bound_tensorstore_retries()
+orbax_route.install()  # Bounded retries, s3:// directories.
 
 
 class SaveFailed(UserError):
@@ -173,7 +162,8 @@ class Checkpoints:
     self.save_seconds = 0.0  # Host time spent in save() (checksum + starting the async write).
     self._pending: int | None = None  # A step whose async save was started but not yet confirmed.
     workdir_lib.check_checkpoint_dir(self.directory, create=True)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
+                                           temporary_path_class=orbax_route.temporary_path_class(self.directory))
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
     except OSError as e:

@@ -33,9 +33,6 @@ _lease = None  # The bucket lease this process holds (`_BucketLease`).
 def check(workdir: str) -> None:
   """Fails early (creating nothing) when `workdir` cannot become a writable directory. A bucket URL: one probe
   object written and deleted (the bucket exists, the credentials may write, the endpoint answers)."""
-  if storage.scheme(workdir) == 's3':
-    raise UserError(f'--workdir={workdir}: checkpoints cannot go to s3:// yet (Orbax 0.12.8 writes arrays only to '
-                    'local paths and gs://): use a gs:// or local --workdir (s3:// data and files are readable)')
   if storage.is_url(workdir):
     storage.probe_writable(workdir)
     health.watch(workdir)  # From now on, an endpoint that stops answering stops the run in health.DOWN_S.
