@@ -138,3 +138,17 @@ def _one_error(proc) -> str:
 def test_a_missing_bucket_is_refused_with_one_line(env, data_dir):
   line = _one_error(harness.run_train(f'{env.scheme}://no-such-bucket/run', *_args(data_dir), timeout=120))
   assert f'create the bucket {env.scheme}://no-such-bucket' in line, line
+
+
+def test_elastic_resume_on_another_device_count_matches_the_local_disk(env, runs, data_dir, tmp_path):
+  """The finished 2-device run, continued for 4 steps on 1 device: from the bucket as from a local copy (the
+  same bits; restoring onto another device count takes Orbax's abstract-array target, in a bucket too)."""
+  import shutil
+  bucket, local = runs
+  local_copy = str(tmp_path / 'run')
+  shutil.copytree(local, local_copy, ignore=shutil.ignore_patterns('.lock'))
+  more = ('--num_cpu_devices=1', f'--config.data_dir={data_dir}', f'--config.num_train_steps={STEPS + 4}')
+  for workdir in (bucket, local_copy):
+    assert f'resuming at step {STEPS}' in _ok(harness.run_train(workdir, *more))
+  harness.assert_states_close(harness.load_checkpoint(local_copy, STEPS + 4),
+                              harness.load_checkpoint(bucket, STEPS + 4), atol=0)
