@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 
 from errors import UserError
@@ -39,6 +40,9 @@ def configure() -> None:
   """Points the libraries that read and write for us at the same storage route as ours (see the module doc).
   A value the user set wins."""
   os.environ.setdefault('EPATH_USE_TF', 'false')
+  gpath = sys.modules.get('etils.epath.gpath')
+  if gpath is not None and hasattr(gpath, '_is_tf_installed'):  # epath caches its first answer for good.
+    gpath._is_tf_installed.cache_clear()
   # gcsfs logs every failed request with its traceback before raising; the run reports the failure in one line.
   logging.getLogger('gcsfs').setLevel(logging.CRITICAL)
   emulator = os.environ.get('STORAGE_EMULATOR_HOST')

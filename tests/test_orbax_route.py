@@ -43,3 +43,13 @@ def test_orbax_saves_prunes_and_restores_an_s3_directory(s3_bucket):
     restored = manager.restore(3, args=ocp.args.StandardRestore(state))
   np.testing.assert_array_equal(restored['w'], np.arange(6.0) * 3)
   np.testing.assert_array_equal(restored['b'], np.ones((2, 3)) * 3)
+
+
+def test_configure_overrides_epaths_cached_choice_of_tensorflow(monkeypatch):
+  """epath caches whether to use tf.io.gfile at its first URL; configure() must win even when it comes later."""
+  from etils.epath import backend, gpath
+  monkeypatch.delenv('EPATH_USE_TF', raising=False)
+  gpath._is_tf_installed.cache_clear()
+  assert gpath._is_tf_installed()  # TensorFlow is installed: epath would route s3:// to tf.io.gfile.
+  storage.configure()
+  assert gpath.PosixGPath('s3://b/run')._backend is backend.fsspec_backend

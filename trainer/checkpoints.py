@@ -12,6 +12,7 @@ in Orbax's background thread) stops the run with one `SaveFailed` line instead o
 
 import hashlib
 import json
+import sys
 import time
 
 import jax
@@ -31,6 +32,27 @@ from trainer import workdir as workdir_lib
 CHECKSUM_KEY = 'state_sha256'
 
 orbax_route.install()  # Bounded retries, s3:// directories.
+
+
+def _orbax_unraisable_as_one_line(previous):
+  """A damaged checkpoint fails several of Orbax's concurrent array reads; the ones never awaited surface at
+  garbage collection as "Exception ignored in <coroutine>" plus a traceback, after the run has already set
+  the checkpoint aside in one line. Those (and only those: raised in Orbax's code) become one log line."""
+  def hook(unraisable):
+    tb, in_orbax = unraisable.exc_traceback, False
+    while tb is not None:
+      in_orbax = in_orbax or '/orbax/' in tb.tb_frame.f_code.co_filename
+      tb = tb.tb_next
+    if not in_orbax or not isinstance(unraisable.exc_value, Exception):
+      return previous(unraisable)
+    logging.info('A failed Orbax read was never awaited (%s: %s)', type(unraisable.exc_value).__name__,
+                 first_line(unraisable.exc_value, 100))
+  hook.quiets_orbax = True
+  return hook
+
+
+if not getattr(sys.unraisablehook, 'quiets_orbax', False):
+  sys.unraisablehook = _orbax_unraisable_as_one_line(sys.unraisablehook)
 
 
 class SaveFailed(UserError):
