@@ -55,3 +55,23 @@ def test_a_failed_fetch_raises_at_its_turn():
   assert len(next(gen)[0]) == 5 and len(next(gen)[0]) == 5  # 0..9 arrive; 10..14 holds the failure.
   with pytest.raises(OSError, match='no such object'):
     next(gen)
+
+
+def test_bytes_ending_in_nul_reach_the_parser_whole():
+  """A serialized tf.train.Example may end in 0x00; numpy's fixed-width bytes would drop it. Both ways fetched
+  bytes enter tf.data (a numpy_function per example, the read-ahead generator) keep every byte."""
+  from input_pipeline import base, pipeline
+  from input_pipeline.tf_host import tf
+  payloads = [b'rec' + b'\x00' * (i % 3 + 1) for i in range(5)]
+
+  class Source:
+    def fetcher(self, split):
+      return lambda indices: [payloads[i] for i in indices]
+
+    def parser(self, split):
+      return lambda i, raw: raw
+
+  read = base.fetched_reader(Source(), 'train')
+  assert [read(tf.constant(i, tf.int64)).numpy() for i in range(5)] == payloads
+  ds = pipeline._read_ahead(Source(), 'train', lambda: [(i, i) for i in range(5)], tf.int64)
+  assert [raw for _, _, raw in ds.as_numpy_iterator()] == payloads
