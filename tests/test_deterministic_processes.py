@@ -5,6 +5,8 @@ process: tests/test_deterministic.py.)"""
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -49,26 +51,50 @@ def _assert_bitwise(a: dict, b: dict, what):
   assert not bad, f'{what}: leaves differ: {bad[:5]}'
 
 
+_DOT_PROBE = """
+import hashlib, os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + sys.argv[1]
+import jax, numpy as np
+r = np.random.default_rng(0)
+x, g = (r.standard_normal(s, np.float32) for s in ((16, 3136), (16, 256)))
+print(hashlib.sha256(np.asarray(jax.jit(lambda x, g: x.T @ g)(x, g)).tobytes()).hexdigest())
+"""
+
+
+def _dense_kernel_gradient_bits_follow_the_process_device_count() -> bool:
+  """XLA's CPU dot for the CNN's Dense_0 kernel gradient (x.T @ g, [16, 3136] x [16, 256]) on one device: on
+  some CPUs (seen on an AVX2-only AMD EPYC, not on AVX-512 ones) its bits depend on how many devices the
+  process has, outside anything the trainer controls (docs/determinism.md)."""
+  out = [subprocess.run([sys.executable, '-c', _DOT_PROBE, str(n)], capture_output=True, text=True, check=True,
+                        env=dict(os.environ, JAX_PLATFORMS='cpu')).stdout.split()[-1] for n in (1, 8)]
+  return out[0] != out[1]
+
+
 def test_two_processes_and_elastic_resume_bitwise(tmp_path, data_dir):
   args = (f'--config.data_dir={data_dir}', *ARGS)
+  # Where XLA's own dot follows the per-process device count, only topologies with the same per-process count
+  # (1 x 2 devices, 2 processes x 2 devices) can match: those are compared, and the rest is reported as skipped.
+  limited = _dense_kernel_gradient_bits_follow_the_process_device_count()
+  singles, source = ((2,), 2) if limited else ((1, 8), 8)
   runs = {}
-  for n in (1, 8):
+  for n in singles:
     runs[n] = str(tmp_path / f'single{n}')
     proc = harness.run_train(runs[n], f'--num_cpu_devices={n}', *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
   multi = str(tmp_path / 'multi')
   _pair(multi, tmp_path, 'multi', *args)
-  ref = harness.load_checkpoint(runs[1], STEPS)
-  ref_metrics = _metric_values(runs[1])
+  first = runs[singles[0]]
+  ref = harness.load_checkpoint(first, STEPS)
+  ref_metrics = _metric_values(first)
   assert len([e for e in ref_metrics if e['kind'] == 'eval']) == 2
-  for name, w in (('8 devices', runs[8]), ('2x2 processes', multi)):
+  for name, w in [(f'{n} devices', runs[n]) for n in singles[1:]] + [('2x2 processes', multi)]:
     _assert_bitwise(ref, harness.load_checkpoint(w, STEPS), name)
     assert _metric_values(w) == ref_metrics, name
-  # Elastic: the 8-device run's step-16 checkpoint resumed on 2 devices, and on 2 processes x 2 devices.
+  # Elastic: the 8-device (limited: 2-device) run's step-16 checkpoint resumed on 2 devices and on 2 x 2.
   half = STEPS // 2
-  for name in ('resume2', 'resume2x2'):
+  for name in ('resume2x2',) if limited else ('resume2', 'resume2x2'):
     w = str(tmp_path / name)
-    shutil.copytree(runs[8], w)
+    shutil.copytree(runs[source], w)
     for s in harness.checkpoint_steps(w):
       if s > half:
         shutil.rmtree(os.path.join(w, 'checkpoints', str(s)))
@@ -79,4 +105,7 @@ def test_two_processes_and_elastic_resume_bitwise(tmp_path, data_dir):
     else:
       _pair(w, tmp_path, name, *args)
     _assert_bitwise(ref, harness.load_checkpoint(w, STEPS), name)
-    assert _metric_values(w, half)[-len(_metric_values(runs[1], half)):] == _metric_values(runs[1], half), name
+    assert _metric_values(w, half)[-len(_metric_values(first, half)):] == _metric_values(first, half), name
+  if limited:
+    pytest.skip('compared 1 x 2 devices with 2 processes x 2 devices (from scratch and resumed) only: on this CPU '
+                "XLA's dot gives other bits with 8 devices per process than with 1 (docs/determinism.md)")
