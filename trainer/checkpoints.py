@@ -14,6 +14,7 @@ import hashlib
 import json
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -39,13 +40,10 @@ def _orbax_unraisable_as_one_line(previous):
   garbage collection as "Exception ignored in <coroutine>" plus a traceback, after the run has already set
   the checkpoint aside in one line. Those (and only those: raised in Orbax's code) become one log line."""
   def hook(unraisable):
-    tb, in_orbax = unraisable.exc_traceback, False
-    while tb is not None:
-      in_orbax = in_orbax or '/orbax/' in tb.tb_frame.f_code.co_filename
-      tb = tb.tb_next
+    in_orbax = any('/orbax/' in frame.f_code.co_filename for frame, _ in traceback.walk_tb(unraisable.exc_traceback))
     if not in_orbax or not isinstance(unraisable.exc_value, Exception):
       return previous(unraisable)
-    logging.info('A failed Orbax read was never awaited (%s: %s)', type(unraisable.exc_value).__name__,
+    logging.info('An Orbax task failed after its error was handled (%s: %s)', type(unraisable.exc_value).__name__,
                  first_line(unraisable.exc_value, 100))
   hook.quiets_orbax = True
   return hook
